@@ -1,0 +1,3 @@
+from rayfed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""The algorithm interface: explicit state records and a handful of hooks (torch only, no Ray).
+
+A round, as the runtime drives it::
+
+    server: broadcast = alg.broadcast(server_state, r); payloads = alg.payloads(server_state, ids, r)
+    client: alg.load_client_model(model, roles, broadcast, payloads[id], client_state)
+            tensors, metrics = alg.local_update(ctx)          # ctx.state is the client's own state
+    server: agg = alg.aggregator(server_state, r); agg.add(update) for each; server_state = agg.finish()
+
+Evaluation loads each client's model the same way and tests it on the client's own test split.
+``finalize_client`` is an optional post-training stage (fine-tuning, distillation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from rayfed.aggregate import StreamingMean
+from rayfed.config import AlgorithmConfig, TrainConfig
+from rayfed.data.info import ClientData
+from rayfed.roles import Role, RoleMap, assign_roles
+
+__all__ = [
+    "Aggregator",
+    "Algorithm",
+    "ClientContext",
+    "ClientState",
+    "ClientUpdate",
+    "MeanAggregator",
+    "ServerState",
+    "to_numpy",
+]
+
+#: Roles a client may upload (generated tensors go back to their own server-side generator only).
+UPLOADABLE = frozenset({Role.SHARED, Role.MASKED, Role.TIERED, Role.GENERATED})
+#: Prefix for upload entries that are not model tensors (e.g. a mask or an embedding gradient).
+AUX = "aux/"
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A detached CPU numpy copy (never a view of live model memory)."""
+    return t.detach().to("cpu", copy=True).numpy()
+
+
+@dataclass
+class ClientState:
+    """Everything a client keeps between rounds; it never leaves the client's actor."""
+
+    client_id: int
+    private: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    rounds_trained: int = 0
+
+
+@dataclass
+class ServerState:
+    """Everything the server keeps: its copy of the uploaded tensors and algorithm state."""
+
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    round: int = 0
+
+
+@dataclass
+class ClientUpdate:
+    """What one client uploads after a round: only the tensors its roles allow."""
+
+    client_id: int
+    round: int
+    num_samples: int
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(v.nbytes for v in self.tensors.values()))
+
+
+@dataclass
+class ClientContext:
+    """What ``local_update`` and ``finalize_client`` work with."""
+
+    client_id: int
+    round: int
+    model: torch.nn.Module
+    roles: RoleMap
+    data: ClientData
+    train: TrainConfig
+    state: ClientState
+    payload: Mapping[str, np.ndarray]
+    device: torch.device
+    generator: torch.Generator
+    num_clients: int = 1
+
+
+class Aggregator(Protocol):
+    """Consumes client updates one at a time (streaming) and produces the next server state."""
+
+    def add(self, update: ClientUpdate) -> None: ...
+
+    def finish(self) -> ServerState: ...
+
+
+class MeanAggregator:
+    """Sample-weighted mean of uploaded tensors (per key over the clients that sent it), with an
+    optional server learning rate and momentum: ``w <- w + lr * m`` where ``m <- beta*m + (mean - w)``.
+    Memory is O(model) whatever the number of clients.
+    """
+
+    def __init__(self, state: ServerState, *, server_lr: float = 1.0, server_momentum: float = 0.0):
+        self.state = state
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.mean = StreamingMean()
+
+    def add(self, update: ClientUpdate) -> None:
+        self.mean.add({k: v for k, v in update.tensors.items() if not k.startswith(AUX)},
+                      float(update.num_samples))
+
+    def finish(self) -> ServerState:
+        s = self.state
+        if self.mean.count == 0:
+            return ServerState(dict(s.weights), dict(s.extra), s.round + 1)
+        avg = self.mean.result()
+        weights = dict(s.weights)
+        extra = dict(s.extra)
+        plain = self.server_lr == 1.0 and self.server_momentum == 0.0
+        mom = dict(extra.get("server_momentum", {}))
+        for k, v in avg.items():
+            if plain:
+                weights[k] = v
+                continue
+            delta = v.astype(np.float64) - weights[k]
+            if self.server_momentum:
+                delta = self.server_momentum * mom.get(k, 0.0) + delta
+                mom[k] = delta
+            weights[k] = (weights[k] + self.server_lr * delta).astype(weights[k].dtype)
+        if self.server_momentum:
+            extra["server_momentum"] = mom
+        return ServerState(weights, extra, s.round + 1)
+
+
+class Algorithm:
+    """Base class: FedAvg-shaped defaults that subclasses override hook by hook.
+
+    Subclasses set ``name`` and ``config_class`` and are registered with
+    :func:`rayfed.algorithms.register_algorithm`.
+    """
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+
+    def __init__(self, config: AlgorithmConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_class(name=self.name)
+
+    # -- roles ---------------------------------------------------------------------------------
+    def role_rules(self) -> list[tuple[str, Role]]:
+        """``(selector, role)`` rules applied over the default role (see :func:`assign_roles`)."""
+        return [(s, Role.PRIVATE) for s in getattr(self.config, "private", [])]
+
+    def default_role(self) -> Role:
+        return Role.SHARED
+
+    def roles(self, model: torch.nn.Module) -> RoleMap:
+        return assign_roles(model, self.role_rules(), default=self.default_role())
+
+    # -- server --------------------------------------------------------------------------------
+    def init_server(self, model: torch.nn.Module, roles: RoleMap, client_sizes: Mapping[int, int],
+                    seed: int) -> ServerState:
+        sd = model.state_dict()
+        keys = roles.names(Role.SHARED, Role.MASKED, Role.TIERED)
+        return ServerState({k: to_numpy(sd[k]) for k in keys},
+                           {"client_sizes": dict(client_sizes)}, 0)
+
+    def broadcast(self, state: ServerState, round: int) -> dict[str, np.ndarray]:
+        """Tensors sent to every sampled client (one object-store copy per round)."""
+        return state.weights
+
+    def payloads(self, state: ServerState, client_ids: list[int], round: int,
+                 ) -> dict[int, dict[str, np.ndarray]]:
+        """Per-client tensors (e.g. generated attention); default none."""
+        return {}
+
+    def aggregator(self, state: ServerState, round: int) -> Aggregator:
+        return MeanAggregator(state, server_lr=getattr(self.config, "server_lr", 1.0),
+                              server_momentum=getattr(self.config, "server_momentum", 0.0))
+
+    # -- client --------------------------------------------------------------------------------
+    def init_client(self, client_id: int, model: torch.nn.Module, roles: RoleMap) -> ClientState:
+        """A new client's state: its private tensors start from the common initial model."""
+        sd = model.state_dict()
+        return ClientState(client_id, {k: sd[k].detach().clone() for k in roles.names(Role.PRIVATE)})
+
+    def load_client_model(self, model: torch.nn.Module, roles: RoleMap,
+                          broadcast: Mapping[str, np.ndarray], payload: Mapping[str, np.ndarray],
+                          state: ClientState) -> None:
+        """Write server tensors, then per-client tensors, then private state into ``model``."""
+        sd = model.state_dict()
+        with torch.no_grad():
+            for src in (broadcast, payload):
+                for k, v in src.items():
+                    if k in sd:
+                        sd[k].copy_(torch.from_numpy(np.asarray(v)))
+            for k, v in state.private.items():
+                sd[k].copy_(v)
+
+    def trained_names(self, roles: RoleMap) -> list[str]:
+        """Parameters a client trains in ``local_update`` by default."""
+        return roles.names(Role.SHARED, Role.PRIVATE, Role.GENERATED, Role.MASKED, Role.TIERED)
+
+    def local_update(self, ctx: ClientContext) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Train locally; return the tensors to upload and metrics. Default: train every trainable
+        tensor for ``train.local_epochs`` and upload the shared ones.
+        """
+        from rayfed.training import train_epochs
+
+        metrics = train_epochs(ctx.model, self.trained_names(ctx.roles), ctx.data.x_train,
+                               ctx.data.y_train, ctx.train, generator=ctx.generator, device=ctx.device)
+        return self.upload(ctx), metrics
+
+    def upload(self, ctx: ClientContext) -> dict[str, np.ndarray]:
+        sd = ctx.model.state_dict()
+        return {k: to_numpy(sd[k]) for k in ctx.roles.names(Role.SHARED, Role.MASKED, Role.TIERED)}
+
+    def save_client_state(self, ctx: ClientContext) -> None:
+        """After training: keep the private tensors in the client's state."""
+        sd = ctx.model.state_dict()
+        for k in ctx.roles.names(Role.PRIVATE):
+            ctx.state.private[k] = sd[k].detach().clone()
+
+    has_finalize: ClassVar[bool] = False
+
+    def finalize_client(self, ctx: ClientContext) -> dict[str, float]:
+        """Optional post-training stage run once per client after the last round."""
+        return {}

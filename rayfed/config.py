@@ -1,0 +1,511 @@
+"""Self-validating configuration dataclasses, YAML in and out, and ``--set a.b=c`` overrides.
+
+Every section is a dataclass whose fields carry a help text (``field(metadata={"help": ...})``).
+:func:`from_dict` rejects unknown keys and values of the wrong type, naming the full key path, the
+value received and the valid choices; each ``__post_init__`` rejects bad values and combinations.
+All of it runs on the driver, before any actor starts.
+
+Example:
+    >>> cfg = load_config(None, overrides=["algorithm.name=fedper", "rounds=3"])
+    >>> cfg.algorithm.name, cfg.rounds
+    ('fedper', 3)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from rayfed.errors import ConfigError
+
+__all__ = [
+    "AlgorithmConfig",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PartitionConfig",
+    "RuntimeConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        _fail(key, value, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PartitionConfig:
+    """How samples are split across clients."""
+
+    name: Literal["iid", "dirichlet", "pathological", "by_column", "quantity_skew"] = _f(
+        "dirichlet", "partitioner: iid, dirichlet (label skew), pathological (k classes per client), "
+        "by_column (natural split on data.group_column), quantity_skew (iid labels, skewed sizes)"
+    )
+    alpha: float = _f(0.3, "Dirichlet concentration for dirichlet and quantity_skew; smaller = more skew")
+    classes_per_client: int = _f(2, "classes each client holds under the pathological partitioner")
+    min_samples: int = _f(10, "every client must end with at least this many samples (train + test)")
+
+    def __post_init__(self) -> None:
+        _check(self.alpha > 0, "data.partition.alpha", self.alpha, "a number > 0 (e.g. 0.3)")
+        _check(self.classes_per_client >= 1, "data.partition.classes_per_client",
+               self.classes_per_client, "an integer >= 1")
+        _check(self.min_samples >= 2, "data.partition.min_samples", self.min_samples,
+               "an integer >= 2 (each client needs a train and a test sample)")
+
+
+@dataclass
+class SyntheticConfig:
+    """The seeded ``synthetic`` source (for tests and benchmarks)."""
+
+    num_samples: int = _f(2000, "number of samples")
+    num_classes: int = _f(10, "number of classes")
+    feature_shape: list[int] = _f([16], "shape of one sample: [d] vectors, [C, H, W] images")
+    modality: Literal["vector", "image", "text"] = _f(
+        "vector", "vector or image (float features) or text (token ids in [1, vocab_size))")
+    vocab_size: int = _f(100, "vocabulary size for modality=text")
+    noise: float = _f(1.0, "noise scale around each class's prototype; larger = harder")
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 2, "data.synthetic.num_samples", self.num_samples, "an integer >= 2")
+        _check(self.num_classes >= 2, "data.synthetic.num_classes", self.num_classes, "an integer >= 2")
+        _check(len(self.feature_shape) >= 1 and all(int(d) >= 1 for d in self.feature_shape),
+               "data.synthetic.feature_shape", self.feature_shape, "a non-empty list of positive ints")
+        if self.modality == "image":
+            _check(len(self.feature_shape) == 3, "data.synthetic.feature_shape", self.feature_shape,
+                   "[C, H, W] when modality is image")
+        if self.modality == "text":
+            _check(len(self.feature_shape) == 1, "data.synthetic.feature_shape", self.feature_shape,
+                   "[sequence_length] when modality is text")
+        _check(self.noise >= 0, "data.synthetic.noise", self.noise, "a number >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are split into clients."""
+
+    source: Literal["digits", "synthetic", "parquet", "huggingface"] = _f(
+        "digits", "digits (scikit-learn, bundled), synthetic (seeded), parquet (file or directory), "
+        "huggingface (datasets library: a load_from_disk folder or a dataset name)")
+    path: Optional[str] = _f(None, "Parquet file/directory, or Hugging Face dataset folder or name")
+    split: Optional[str] = _f(None, "Hugging Face split to read (default: train, or the only one)")
+    feature_column: str = _f("features", "column holding features (list of numbers, or encoded image bytes)")
+    label_column: str = _f("label", "column holding integer class labels")
+    group_column: Optional[str] = _f(None, "column with a natural client id (writer, site) for by_column")
+    text_column: Optional[str] = _f(None, "column holding raw text; tokenized with data.tokenizer")
+    tokenizer: Optional[str] = _f(None, "local folder of a Hugging Face tokenizer for text_column")
+    max_length: int = _f(64, "token sequence length for text")
+    image_shape: Optional[list[int]] = _f(
+        None, "[C, H, W] to reshape flat image features into; inferred for square images when omitted")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={"help": "synthetic source"})
+    num_clients: int = _f(20, "number of clients")
+    partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "partitioner"})
+    test_fraction: float = _f(0.25, "fraction of each client's samples held out as its own test split")
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "data.num_clients", self.num_clients, "an integer >= 1")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction,
+               "a fraction strictly between 0 and 1 (e.g. 0.25)")
+        _check(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")
+        if self.source in ("parquet", "huggingface") and not self.path:
+            what = "a Parquet file or directory" if self.source == "parquet" else "a dataset folder or name"
+            raise ConfigError(f"config key 'data.path': data.source={self.source!r} needs a path, got None; "
+                              f"set data.path to {what}")
+        if self.source == "parquet":
+            p = Path(self.path).expanduser()
+            if not p.exists():
+                raise ConfigError(f"config key 'data.path': Parquet path {self.path!r} does not exist; "
+                                  "point data.path at a .parquet file or a directory of them")
+        if self.partition.name == "by_column" and not self.group_column:
+            raise ConfigError("config key 'data.group_column': partition 'by_column' needs a group column, "
+                              "got None; set data.group_column (e.g. writer_id) or pick another partitioner")
+        if self.text_column and not self.tokenizer:
+            raise ConfigError("config key 'data.tokenizer': data.text_column is set but no tokenizer; set "
+                              "data.tokenizer to a local tokenizer folder")
+        if self.image_shape is not None:
+            _check(len(self.image_shape) == 3, "data.image_shape", self.image_shape, "[C, H, W]")
+
+
+@dataclass
+class ModelConfig:
+    """The model every client trains."""
+
+    name: Literal["auto", "vit", "bert", "mlp", "pretrained"] = _f(
+        "auto", "auto (vit for images, bert for text, mlp for vectors), vit, bert, mlp, or pretrained "
+        "(a local Hugging Face folder in model.path)")
+    path: Optional[str] = _f(None, "local folder with pre-trained weights for name=pretrained")
+    hidden_size: int = _f(64, "transformer hidden size")
+    num_layers: int = _f(2, "transformer layers")
+    num_heads: int = _f(4, "attention heads")
+    intermediate_size: int = _f(128, "transformer MLP size")
+    patch_size: int = _f(2, "ViT patch size (must divide the image size)")
+    dropout: float = _f(0.0, "dropout in the transformer")
+    mlp_hidden: list[int] = _f([64], "hidden sizes for name=mlp")
+    vocab_size: Optional[int] = _f(None, "vocabulary size for bert (default: from the data)")
+
+    def __post_init__(self) -> None:
+        for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
+            _check(getattr(self, k) >= 1, f"model.{k}", getattr(self, k), "an integer >= 1")
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
+               f"a multiple of model.num_heads={self.num_heads}")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+        if self.name == "pretrained":
+            if not self.path:
+                raise ConfigError("config key 'model.path': model.name='pretrained' needs a local folder, "
+                                  "got None; set model.path to a save_pretrained() directory")
+            if not Path(self.path).expanduser().exists():
+                raise ConfigError(f"config key 'model.path': folder {self.path!r} does not exist; downloads are "
+                                  "not attempted, so point model.path at a local save_pretrained() directory")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = _f(1, "passes over the client's training split per round")
+    batch_size: int = _f(32, "mini-batch size")
+    optimizer: Literal["sgd", "adam", "adamw"] = _f("adam", "client optimizer (state resets every round)")
+    lr: float = _f(0.001, "client learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0, "weight decay")
+    max_steps: Optional[int] = _f(None, "cap on optimizer steps per round (None = full epochs)")
+    grad_clip: Optional[float] = _f(None, "clip the gradient norm to this value (None = off)")
+
+    def __post_init__(self) -> None:
+        _check(self.local_epochs >= 0, "train.local_epochs", self.local_epochs, "an integer >= 0")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a learning rate > 0 (e.g. 0.001)")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1 or null")
+        if self.grad_clip is not None:
+            _check(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "a number > 0 or null")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where clients and the server run."""
+
+    executor: Literal["ray", "local"] = _f(
+        "ray", "ray (client and server actors) or local (same code in this process; for tests/debugging)")
+    address: Optional[str] = _f(None, "Ray address; None joins a running Ray or starts a local one")
+    num_actors: Optional[int] = _f(None, "client actors; default: one per CPU of the cluster, at most num_clients")
+    num_cpus_per_actor: Optional[float] = _f(None, "CPUs per client actor (fractional ok); default: fills the cluster")
+    num_gpus_per_actor: float = _f(0.0, "GPUs per client actor (fractional ok)")
+    resources_per_actor: dict[str, float] = _f({}, "custom Ray resources per client actor, e.g. {site_a: 1}")
+    server_num_cpus: float = _f(0.1, "CPUs reserved for the server actor")
+    device: Literal["cpu", "cuda", "auto"] = _f("auto", "client torch device; auto = cuda when the actor sees a GPU")
+    torch_threads: Optional[int] = _f(None, "torch intra-op threads per actor; default: the actor's CPUs (>= 1)")
+    round_timeout_s: Optional[float] = _f(None, "deadline per round; clients not done are dropped (None = wait)")
+    min_quorum: float = _f(0.5, "fraction of sampled clients that must succeed, else the round raises ClientError")
+    on_client_failure: Literal["drop", "raise"] = _f(
+        "drop", "drop: record the failure and go on while the quorum holds; raise: stop with ClientError")
+
+    def __post_init__(self) -> None:
+        if self.num_actors is not None:
+            _check(self.num_actors >= 1, "runtime.num_actors", self.num_actors, "an integer >= 1 or null")
+        if self.num_cpus_per_actor is not None:
+            _check(self.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor", self.num_cpus_per_actor,
+                   "a positive number (fractions such as 0.5 are fine)")
+        _check(self.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor", self.num_gpus_per_actor, "a number >= 0")
+        _check(self.server_num_cpus >= 0, "runtime.server_num_cpus", self.server_num_cpus, "a number >= 0")
+        _check(0 <= self.min_quorum <= 1, "runtime.min_quorum", self.min_quorum, "a fraction in [0, 1]")
+        if self.round_timeout_s is not None:
+            _check(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s, "seconds > 0 or null")
+        if self.torch_threads is not None:
+            _check(self.torch_threads >= 1, "runtime.torch_threads", self.torch_threads, "an integer >= 1 or null")
+
+
+@dataclass
+class OutputConfig:
+    """What a run writes."""
+
+    dir: str = _f("runs", "parent folder of run directories")
+    name: Optional[str] = _f(None, "run directory name (default: <timestamp>-<algorithm>)")
+    plots: bool = _f(True, "write PNG plots")
+    checkpoint_every: int = _f(0, "save server and client state every N rounds (0 = only at the end if save_final)")
+    save_final: bool = _f(True, "save a final checkpoint")
+    progress: bool = _f(True, "show a progress bar over rounds")
+
+    def __post_init__(self) -> None:
+        _check(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "an integer >= 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    """Base of every algorithm's config; ``name`` selects the registered algorithm.
+
+    Each algorithm module subclasses this with its own fields; :func:`from_dict` picks the subclass
+    from the registry by ``name``.
+    """
+
+    name: str = _f("fedavg", "registered algorithm name (rayfed.algorithms.available())")
+
+
+@dataclass
+class FederationConfig:
+    """A whole federated run.
+
+    Example:
+        >>> FederationConfig(rounds=5).algorithm.name
+        'fedavg'
+    """
+
+    seed: int = _f(0, "seed for model init, partitioning, sampling and local training")
+    rounds: int = _f(20, "communication rounds")
+    sample_fraction: float = _f(1.0, "fraction of clients sampled per round")
+    sample_count: Optional[int] = _f(None, "clients sampled per round (overrides sample_fraction)")
+    eval_every: int = _f(1, "evaluate every client's personalized model every N rounds (and after the last)")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={"help": "algorithm"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "local training"})
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata={"help": "runtime"})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "outputs"})
+    compare: list[str] = _f([], "run the same experiment for each of these algorithms (CLI and run_comparison)")
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
+        _check(0 < self.sample_fraction <= 1, "sample_fraction", self.sample_fraction, "a fraction in (0, 1]")
+        if self.sample_count is not None:
+            _check(1 <= self.sample_count <= self.data.num_clients, "sample_count", self.sample_count,
+                   f"an integer in [1, data.num_clients={self.data.num_clients}]")
+        _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        if type(self.algorithm) is AlgorithmConfig:  # plain base: resolve to the algorithm's own config
+            self.algorithm = _algorithm_config(self.algorithm.name, {}, "algorithm")
+        from rayfed.algorithms import available
+        for i, name in enumerate(self.compare):
+            if name not in available():
+                _unknown_algorithm(name, f"compare[{i}]")
+
+    def clients_per_round(self) -> int:
+        """Number of clients sampled each round."""
+        if self.sample_count is not None:
+            return self.sample_count
+        return max(1, int(round(self.sample_fraction * self.data.num_clients)))
+
+    def with_algorithm(self, name: str) -> FederationConfig:
+        """A copy of this config running algorithm ``name`` with its default options."""
+        d = to_dict(self)
+        d["algorithm"] = {"name": name}
+        d["compare"] = []
+        return from_dict(d)
+
+    def __repr__(self) -> str:  # only non-default fields, like Ray's configs
+        return f"FederationConfig({_diff_repr(self)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# ---------------------------------------------------------------------------------------------
+
+
+def _diff_repr(obj: Any) -> str:
+    default = type(obj)() if not isinstance(obj, AlgorithmConfig) else type(obj)(name=obj.name)
+    parts = []
+    for f in dataclasses.fields(obj):
+        v, dv = getattr(obj, f.name), getattr(default, f.name)
+        if v != dv or (f.name == "algorithm"):
+            parts.append(f"{f.name}={v!r}")
+    return ", ".join(parts)
+
+
+def _unknown_algorithm(name: str, key: str) -> None:
+    from rayfed.algorithms import available
+    choices = available()
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"config key '{key}': unknown algorithm {name!r}{hint}; registered algorithms: "
+                      f"{', '.join(choices)}")
+
+
+def _algorithm_config(name: Any, rest: dict, key: str) -> AlgorithmConfig:
+    from rayfed.algorithms import available, get_algorithm
+    if not isinstance(name, str) or name not in available():
+        _unknown_algorithm(name, f"{key}.name")
+    cls = get_algorithm(name).config_class
+    return _build(cls, {"name": name, **rest}, key)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _convert(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config key '{key}': got {value!r}{hint}; valid choices: "
+                              f"{', '.join(repr(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            _fail(key, value, f"a mapping for section '{key}'")
+        if tp is AlgorithmConfig or (isinstance(tp, type) and issubclass(tp, AlgorithmConfig)):
+            rest = dict(value)
+            name = rest.pop("name", "fedavg")
+            return _algorithm_config(name, rest, key)
+        return _build(tp, value, key)
+    if origin is list or tp is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            _fail(key, value, "a list")
+        (inner,) = args or (Any,)
+        return [_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "a mapping")
+        kt, vt = args or (Any, Any)
+        return {_convert(kt, k, key): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"config key '{key}': unknown key{hint}; valid keys in {where}: {', '.join(names)}")
+        kwargs[k] = _convert(hints[k], v, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"config section '{prefix or 'top level'}': {e}") from e
+
+
+def from_dict(data: dict | None) -> FederationConfig:
+    """Build and validate a :class:`FederationConfig` from a plain mapping (e.g. parsed YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    return _build(FederationConfig, data, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain mapping of a config (every field, nested sections included), ready for YAML."""
+    return dataclasses.asdict(cfg)
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is a value, not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a config mapping; returns a new mapping."""
+    data = copy.deepcopy(data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set algorithm.name=fedper")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise ConfigError(f"--set {item!r}: empty key; expected KEY=VALUE")
+        if k == "algorithm.name" and isinstance(data.get("algorithm"), dict) and \
+                data["algorithm"].get("name") not in (None, v):
+            data["algorithm"] = {}  # options of the old algorithm do not apply to the new one
+        _set(data, k, yaml.safe_load(v) if v != "" else "")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FederationConfig:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file "
+                              "(or no file for the built-in default)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    return from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(cfg: FederationConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML that :func:`load_config` reads back to an equal config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+__all__.append("dump_config")

@@ -1,0 +1,36 @@
+"""Exceptions raised by rayfed."""
+
+from __future__ import annotations
+
+__all__ = ["ClientError", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid.
+
+    The message names the key, the value received and how to fix it. Raised before any actor
+    starts, so a bad config never costs cluster time.
+    """
+
+
+class ClientError(RuntimeError):
+    """A client failed during a round.
+
+    Attributes:
+        client_id: the failing client.
+        round: the round (0-based) in which it failed; -1 for set-up, ``rounds`` for finalize.
+        stage: what the client was doing: ``"setup"``, ``"train"``, ``"evaluate"``, ``"finalize"``
+            or ``"timeout"``.
+        detail: the formatted cause (traceback text when it came from a remote actor).
+    """
+
+    def __init__(self, client_id: int, round: int, stage: str, detail: str = "") -> None:
+        self.client_id = client_id
+        self.round = round
+        self.stage = stage
+        self.detail = detail
+        first = detail.strip().splitlines()[-1] if detail.strip() else "no detail"
+        super().__init__(f"client {client_id} failed in round {round} during {stage}: {first}")
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (type(self), (self.client_id, self.round, self.stage, self.detail))

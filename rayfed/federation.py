@@ -1,0 +1,369 @@
+"""The round loop: sampling, evaluation, checkpoints, metrics, outputs.
+
+Example:
+    >>> from rayfed import Federation, load_config
+    >>> cfg = load_config(None, ["rounds=2", "runtime.executor=local", "output.plots=false"])
+    >>> result = Federation(cfg).fit()            # doctest: +SKIP
+    >>> result.summary["accuracy_mean"]           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from rayfed.algorithms import create
+from rayfed.config import FederationConfig, dump_config, from_dict, load_config
+from rayfed.data import DatasetInfo, FederatedDataset
+from rayfed.errors import ClientError, ConfigError
+from rayfed.models import build_model
+
+__all__ = ["ComparisonResult", "Federation", "FederationResult", "run_comparison", "sample_clients"]
+
+log = logging.getLogger("rayfed")
+
+ConfigLike = Union[FederationConfig, Mapping[str, Any], str, Path, None]
+ModelFactory = Callable[[DatasetInfo], Any]
+RoundCallback = Callable[[int, dict], None]
+
+
+def sample_clients(client_ids: Sequence[int], k: int, seed: int, round: int) -> list[int]:
+    """The clients sampled in ``round``: seeded by (seed, round) only, so any executor agrees."""
+    if k >= len(client_ids):
+        return sorted(client_ids)
+    rng = np.random.default_rng([seed, round, 7])
+    return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=k, replace=False))
+
+
+def _coerce(config: ConfigLike) -> FederationConfig:
+    if isinstance(config, FederationConfig):
+        return config
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config)
+    return from_dict(dict(config))
+
+
+def _p10(values: Sequence[float]) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), 10)) if len(values) else float("nan")
+
+
+def eval_summary(rows: Sequence[dict]) -> dict[str, float]:
+    """Sample-weighted, per-client mean, 10th-percentile and spread of client accuracies."""
+    acc = [r["accuracy"] for r in rows]
+    n = sum(r["num_test"] for r in rows)
+    return {
+        "accuracy_weighted": sum(r["correct"] for r in rows) / max(n, 1),
+        "accuracy_mean": float(np.mean(acc)) if acc else float("nan"),
+        "accuracy_p10": _p10(acc),
+        "accuracy_std": float(np.std(acc)) if acc else float("nan"),
+        "test_loss": float(np.average([r["loss"] for r in rows], weights=[r["num_test"] for r in rows]))
+        if n else float("nan"),
+    }
+
+
+@dataclass
+class FederationResult:
+    """What :meth:`Federation.fit` returns.
+
+    Attributes:
+        config: the resolved config.
+        metrics: tidy table, one row per (round, client, stage, metric); client_id -1 holds
+            round-level aggregates.
+        summary: final accuracies (weighted, per-client mean, p10, std), bytes and timings.
+        run_dir: where outputs were written (None when nothing was written).
+        failures: every client failure recorded (dropped clients), as :class:`ClientError`.
+        server_received: every tensor name the server ever received from a client.
+        server_state: the final server state (shared weights and algorithm state).
+    """
+
+    config: FederationConfig
+    metrics: pd.DataFrame
+    summary: dict[str, Any]
+    run_dir: Optional[Path] = None
+    failures: list[ClientError] = field(default_factory=list)
+    server_received: list[str] = field(default_factory=list)
+    server_state: Any = None
+
+    def round_table(self) -> pd.DataFrame:
+        """Round-level evaluation metrics, one row per evaluated round."""
+        m = self.metrics
+        sub = m[(m.client_id == -1) & (m.stage.isin(["eval", "final"]))]
+        return sub.pivot_table(index=["round", "stage"], columns="metric", values="value").reset_index()
+
+
+class Federation:
+    """A federated run: the data plan, the algorithm and an executor, driven round by round.
+
+    Args:
+        config: a :class:`FederationConfig`, a mapping, a YAML path, or None for the defaults.
+        model_factory: optional ``factory(info) -> nn.Module`` used instead of ``config.model``.
+        callbacks: called after every round as ``callback(round, round_metrics)`` (e.g. Tune reports).
+        run_dir: write outputs here instead of ``output.dir/<name>``; ``False`` writes nothing.
+
+    Example:
+        >>> import ray; ray.init(address="auto")              # doctest: +SKIP
+        >>> result = Federation("config.yaml").fit()          # joins that cluster, leaves it running
+    """
+
+    def __init__(self, config: ConfigLike = None, *, model_factory: Optional[ModelFactory] = None,
+                 callbacks: Sequence[RoundCallback] = (), run_dir: Union[str, Path, bool, None] = None) -> None:
+        self.config = _coerce(config)
+        self.model_factory = model_factory
+        self.callbacks = list(callbacks)
+        self.algorithm = create(self.config.algorithm)
+        self._run_dir_arg = run_dir
+        self.executor = None
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _validate(self) -> FederatedDataset:
+        """Everything that can be checked without actors: data, model, roles."""
+        cfg = self.config
+        ds = FederatedDataset.from_config(cfg.data, cfg.seed)
+        try:
+            model = build_model(self.model_factory or cfg.model, ds.info, cfg.seed)
+        except ConfigError:
+            raise
+        except Exception as e:  # a user factory that fails
+            raise ConfigError(f"could not build the model ({type(e).__name__}: {e}); check the model section "
+                              "or the model_factory") from e
+        roles = self.algorithm.roles(model)
+        if not roles.names():
+            raise ConfigError("the model has no parameters to train")
+        self.role_counts = roles.counts()
+        return ds
+
+    def _make_run_dir(self) -> Optional[Path]:
+        arg = self._run_dir_arg
+        if arg is False:
+            return None
+        if arg not in (None, True):
+            d = Path(arg)
+        else:
+            name = self.config.output.name or \
+                f"{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}-{self.config.algorithm.name}"
+            d = Path(self.config.output.dir) / name
+        d.mkdir(parents=True, exist_ok=True)
+        dump_config(self.config, d / "config.yaml")
+        return d
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, *, resume_from: Union[str, Path, None] = None) -> FederationResult:
+        """Run every round; returns a :class:`FederationResult`.
+
+        Args:
+            resume_from: a checkpoint directory written by an earlier run (``checkpoints/round_N``);
+                training continues after that round with the saved server and client states.
+        """
+        from rayfed.runtime import make_executor, runtime_session
+
+        cfg = self.config
+        ds = self._validate()  # before any actor starts
+        run_dir = self._make_run_dir()
+        with runtime_session(cfg):
+            self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory)
+            try:
+                return self._loop(ds, run_dir, resume_from)
+            finally:
+                self.executor.close()
+
+    def _loop(self, ds: FederatedDataset, run_dir: Optional[Path], resume_from) -> FederationResult:
+        cfg, ex = self.config, self.executor
+        alg = cfg.algorithm.name
+        ids = list(ds.client_ids)
+        k = cfg.clients_per_round()
+        rows: list[dict] = []
+        failures: list[ClientError] = []
+        start = 0
+        if resume_from is not None:
+            start = ex.restore(Path(resume_from))
+            log.info("resumed from %s after round %d", resume_from, start)
+            prev = Path(resume_from).parent.parent / "metrics.parquet"
+            if prev.exists():
+                old = pd.read_parquet(prev)
+                rows = old[old["round"] <= start].to_dict("records")
+
+        def add(r: int, cid: int, stage: str, metrics: Mapping[str, Any]) -> None:
+            for name, v in metrics.items():
+                if name != "client_id" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+                    rows.append({"algorithm": alg, "round": r, "client_id": cid, "stage": stage,
+                                 "metric": name, "value": float(v)})
+
+        progress = _progress(cfg.rounds, start, cfg.output.progress, alg)
+        last_eval: dict = {}
+        t_start = time.perf_counter()
+        for r in range(start, cfg.rounds):
+            t0 = time.perf_counter()
+            sampled = sample_clients(ids, k, cfg.seed, r)
+            out = ex.train_round(r, sampled)
+            failures += out.failures
+            for u in out.updates:
+                add(r + 1, u["client_id"], "train", u)
+            rnd = {"seconds": 0.0, "num_sampled": len(sampled), "num_failed": len(out.failures),
+                   "bytes_up": sum(u.get("bytes_up", 0) for u in out.updates),
+                   "bytes_down": sum(u.get("bytes_down", 0) for u in out.updates),
+                   "train_loss": float(np.nanmean([u["train_loss"] for u in out.updates]))
+                   if out.updates and all("train_loss" in u for u in out.updates) else float("nan"),
+                   **{f"server_{k2}": v for k2, v in out.server.items()}}
+            rnd["train_seconds"] = time.perf_counter() - t0
+            is_last = r == cfg.rounds - 1
+            if (r + 1) % cfg.eval_every == 0 or is_last:
+                evals, efail = ex.evaluate(r, ids)
+                failures += efail
+                for e in evals:
+                    add(r + 1, e["client_id"], "eval", e)
+                last_eval = eval_summary(evals)
+                add(r + 1, -1, "eval", last_eval)
+                rnd.update(last_eval)
+            rnd["seconds"] = time.perf_counter() - t0
+            add(r + 1, -1, "train", {k2: v for k2, v in rnd.items() if not k2.startswith(("accuracy", "test_"))})
+            if run_dir is not None and cfg.output.checkpoint_every and (r + 1) % cfg.output.checkpoint_every == 0:
+                ex.save(run_dir / "checkpoints" / f"round_{r + 1}")
+            for cb in self.callbacks:
+                cb(r + 1, dict(rnd))
+            progress.update(1)
+            if "accuracy_mean" in rnd:
+                progress.set_postfix(acc=f"{rnd['accuracy_mean']:.3f}", refresh=False)
+        progress.close()
+
+        final = dict(last_eval)
+        if self.algorithm.has_finalize:
+            _, ffail = ex.finalize(cfg.rounds, ids)
+            failures += ffail
+            evals, efail = ex.evaluate(cfg.rounds, ids)
+            failures += efail
+            for e in evals:
+                add(cfg.rounds, e["client_id"], "final", e)
+            final = eval_summary(evals)
+            add(cfg.rounds, -1, "final", final)
+        elapsed = time.perf_counter() - t_start
+
+        metrics = pd.DataFrame(rows, columns=["algorithm", "round", "client_id", "stage", "metric", "value"])
+        received = ex.received_names()
+        server_state = ex.server_state()
+        if run_dir is not None and cfg.output.save_final:
+            ex.save(run_dir / "checkpoints" / "final")
+        summary = self._summary(metrics, final, elapsed, failures, run_dir)
+        result = FederationResult(cfg, metrics, summary, run_dir, failures, received, server_state)
+        if run_dir is not None:
+            write_outputs(result)
+        return result
+
+    def _summary(self, metrics: pd.DataFrame, final: dict, elapsed: float, failures, run_dir) -> dict:
+        m = metrics[(metrics.client_id == -1) & (metrics.stage == "train")]
+        by = m.groupby("metric")["value"]
+        sums = by.sum()
+        return {
+            "algorithm": self.config.algorithm.name,
+            "rounds": self.config.rounds,
+            "num_clients": self.config.data.num_clients,
+            **{k: float(v) for k, v in final.items()},
+            "bytes_up": float(sums.get("bytes_up", 0.0)),
+            "bytes_down": float(sums.get("bytes_down", 0.0)),
+            "seconds": elapsed,
+            "seconds_per_round": float(by.mean().get("train_seconds", float("nan"))),
+            "num_failures": len(failures),
+            "roles": getattr(self, "role_counts", {}),
+            "run_dir": str(run_dir) if run_dir else None,
+        }
+
+
+def _progress(total: int, start: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc=desc, unit="round", leave=False)
+
+
+def write_outputs(result: FederationResult) -> None:
+    """metrics.parquet, summary.json and plots in the run directory."""
+    d = result.run_dir
+    result.metrics.to_parquet(d / "metrics.parquet", index=False)
+    (d / "summary.json").write_text(json.dumps(
+        {**result.summary, "failures": [str(f) for f in result.failures]}, indent=2, default=str))
+    if result.config.output.plots:
+        from rayfed.plots import plot_accuracy, plot_client_accuracy
+
+        plot_accuracy(result.metrics, d / "accuracy.png")
+        plot_client_accuracy(result.metrics, d / "client_accuracy.png")
+
+
+@dataclass
+class ComparisonResult:
+    """Results of the same experiment run with several algorithms."""
+
+    results: dict[str, FederationResult]
+    run_dir: Optional[Path]
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        return pd.concat([r.metrics for r in self.results.values()], ignore_index=True)
+
+    def table(self) -> pd.DataFrame:
+        cols = ["accuracy_mean", "accuracy_weighted", "accuracy_p10", "accuracy_std", "bytes_up",
+                "bytes_down", "seconds"]
+        return pd.DataFrame([{"algorithm": n, **{c: r.summary.get(c) for c in cols}}
+                             for n, r in self.results.items()])
+
+
+def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]] = None, *,
+                   model_factory: Optional[ModelFactory] = None,
+                   callbacks: Sequence[RoundCallback] = ()) -> ComparisonResult:
+    """Run the same experiment (data, partition, seed, rounds) for several algorithms.
+
+    ``algorithms`` defaults to ``config.compare`` (or just ``config.algorithm``). Outputs go to one
+    parent run directory with a subdirectory per algorithm and combined plots.
+    """
+    from rayfed.runtime import runtime_session
+
+    cfg = _coerce(config)
+    names = list(algorithms or cfg.compare or [cfg.algorithm.name])
+    parent = None
+    if cfg.output.dir and cfg.output.name is not False:
+        name = cfg.output.name or f"{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}-compare"
+        parent = Path(cfg.output.dir) / name
+        parent.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, parent / "config.yaml")
+    feds = []
+    for n in names:
+        sub = cfg if (n == cfg.algorithm.name and not cfg.compare) else cfg.with_algorithm(n)
+        if n == cfg.algorithm.name:
+            sub = from_dict({**_asdict(cfg), "compare": []})
+        feds.append(Federation(sub, model_factory=model_factory, callbacks=callbacks,
+                               run_dir=(parent / n) if parent else False))
+    for f in feds:  # reject every bad config before any actor starts
+        f._validate()
+    results: dict[str, FederationResult] = {}
+    with runtime_session(cfg):
+        for n, f in zip(names, feds):
+            results[n] = f.fit()
+    comp = ComparisonResult(results, parent)
+    if parent is not None:
+        comp.metrics.to_parquet(parent / "metrics.parquet", index=False)
+        comp.table().to_csv(parent / "summary.csv", index=False)
+        if cfg.output.plots:
+            from rayfed.plots import plot_accuracy, plot_client_accuracy
+
+            plot_accuracy(comp.metrics, parent / "accuracy.png")
+            plot_client_accuracy(comp.metrics, parent / "client_accuracy.png")
+    return comp
+
+
+def _asdict(cfg: FederationConfig) -> dict:
+    from rayfed.config import to_dict
+
+    return to_dict(cfg)
+
+
+with contextlib.suppress(Exception):  # keep tqdm quiet about notebooks
+    import warnings
+
+    warnings.filterwarnings("ignore", message="IProgress not found")

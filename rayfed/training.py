@@ -1,0 +1,122 @@
+"""Local training and evaluation loops shared by every algorithm (torch only, no Ray)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayfed.config import TrainConfig
+from rayfed.models import forward_logits
+
+__all__ = ["batches", "evaluate", "make_optimizer", "only_trainable", "train_epochs"]
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, *,
+                   lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg`` over ``params`` (``lr`` overrides ``cfg.lr``)."""
+    params = list(params)
+    lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
+            generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of ``(x, y)``; shuffled with ``generator`` when one is given."""
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield x[idx], y[idx]
+
+
+@contextmanager
+def only_trainable(model: torch.nn.Module, names: Iterable[str]):
+    """Within the block only parameters in ``names`` require grad (others are skipped by backward)."""
+    names = set(names)
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names and saved[n])
+        yield [p for n, p in model.named_parameters() if p.requires_grad]
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+
+
+def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    names: Iterable[str],
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    lr: float | None = None,
+    loss_fn=None,
+) -> dict[str, float]:
+    """Train the parameters in ``names`` on ``(x, y)``; returns mean loss and step count.
+
+    ``loss_fn(logits, targets) -> loss`` defaults to cross-entropy; ``epochs`` defaults to
+    ``cfg.local_epochs`` and may be fractional; ``max_steps`` (or ``cfg.max_steps``) caps the steps.
+    """
+    epochs = cfg.local_epochs if epochs is None else epochs
+    max_steps = max_steps if max_steps is not None else cfg.max_steps
+    loss_fn = loss_fn or F.cross_entropy
+    xt, yt = to_tensors(x, y, device)
+    steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
+    total = math.ceil(epochs * steps_per_epoch)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    if total <= 0 or len(yt) == 0:
+        return {"train_loss": float("nan"), "steps": 0}
+    model.train()
+    loss_sum, steps = 0.0, 0
+    with only_trainable(model, names) as params:
+        if not params:
+            return {"train_loss": float("nan"), "steps": 0}
+        opt = make_optimizer(params, cfg, lr=lr)
+        while steps < total:
+            for xb, yb in batches(xt, yt, cfg.batch_size, generator=generator):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(forward_logits(model, xb), yb)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                loss_sum += float(loss.detach())
+                steps += 1
+                if steps >= total:
+                    break
+    return {"train_loss": loss_sum / steps, "steps": steps}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, device: torch.device,
+             batch_size: int = 256) -> dict[str, float]:
+    """Accuracy, mean loss and sample count of ``model`` on ``(x, y)``."""
+    model.eval()
+    xt, yt = to_tensors(x, y, device)
+    correct, loss_sum = 0, 0.0
+    for xb, yb in batches(xt, yt, batch_size):
+        logits = forward_logits(model, xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(-1) == yb).sum())
+    n = len(yt)
+    model.train()
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "correct": correct, "num_test": n}
