@@ -116,13 +116,26 @@ class Federation:
     """
 
     def __init__(self, config: ConfigLike = None, *, model_factory: Optional[ModelFactory] = None,
-                 callbacks: Sequence[RoundCallback] = (), run_dir: Union[str, Path, bool, None] = None) -> None:
+                 callbacks: Sequence[RoundCallback] = (), run_dir: Union[str, Path, bool, None] = None,
+                 placement_group: Any = None) -> None:
         self.config = _coerce(config)
         self.model_factory = model_factory
         self.callbacks = list(callbacks)
         self.algorithm = create(self.config.algorithm)
         self._run_dir_arg = run_dir
+        self.placement_group = placement_group
         self.executor = None
+
+    def checkpoint(self, directory: Union[str, Path]) -> Path:
+        """Save the server state and every client's private state (callable from a round callback).
+
+        Each client actor writes its own clients' files; the driver never holds client state.
+        """
+        if self.executor is None:
+            raise RuntimeError("checkpoint() works only while fit() runs (e.g. from a round callback)")
+        d = Path(directory)
+        self.executor.save(d)
+        return d
 
     # -- set-up --------------------------------------------------------------------------------
     def _validate(self) -> FederatedDataset:
@@ -170,11 +183,13 @@ class Federation:
         ds = self._validate()  # before any actor starts
         run_dir = self._make_run_dir()
         with runtime_session(cfg):
-            self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory)
+            self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory,
+                                          placement_group=self.placement_group)
             try:
                 return self._loop(ds, run_dir, resume_from)
             finally:
                 self.executor.close()
+                self.executor = None
 
     def _loop(self, ds: FederatedDataset, run_dir: Optional[Path], resume_from) -> FederationResult:
         cfg, ex = self.config, self.executor

@@ -144,13 +144,13 @@ class LocalExecutor(Executor):
 
 
 def make_executor(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
-                  model_factory: Optional[Callable] = None) -> Executor:
-    """The executor named by ``cfg.runtime.executor``."""
+                  model_factory: Optional[Callable] = None, *, placement_group: Any = None) -> Executor:
+    """The executor named by ``cfg.runtime.executor`` (a placement group applies to Ray only)."""
     if cfg.runtime.executor == "local":
         return LocalExecutor(cfg, algorithm, dataset, model_factory)
     from rayfed.runtime.ray_executor import RayExecutor
 
-    return RayExecutor(cfg, algorithm, dataset, model_factory)
+    return RayExecutor(cfg, algorithm, dataset, model_factory, placement_group=placement_group)
 
 
 def __getattr__(name: str):  # RayExecutor without importing ray for local runs
