@@ -27,11 +27,15 @@ import yaml
 from rayfed.errors import ConfigError
 
 __all__ = [
+    "AggregationConfig",
     "AlgorithmConfig",
+    "AsyncConfig",
+    "AttackConfig",
     "DataConfig",
     "FederationConfig",
     "ModelConfig",
     "OutputConfig",
+    "PartialLinearConfig",
     "PartitionConfig",
     "RuntimeConfig",
     "SyntheticConfig",
@@ -111,12 +115,39 @@ class SyntheticConfig:
 
 
 @dataclass
+class PartialLinearConfig:
+    """The ``partial_linear`` source: the over-personalized linear regression problem of FFGG.
+
+    Client ``i`` has features ``(a, c)`` with ``a`` in R^shared_dim and ``c`` in R^private_dim and
+    targets ``t = a.x* + c.y_i* + noise``: one shared ``x*`` and a private ``y_i*`` per client, so
+    with the right split (x shared, y_i private) every client can be fitted exactly.
+    """
+
+    samples_per_client: int = _f(200, "samples per client (train + test, split by data.test_fraction)")
+    shared_dim: int = _f(100, "dimension of the shared parameter x (the paper's synthetic setting: 100)")
+    private_dim: int = _f(50, "dimension of each client's private parameter y_i (the paper's setting: 50)")
+    heterogeneity: float = _f(1.0, "std of each client's private optimum y_i* around a common one; larger = "
+                              "more heterogeneous clients (a single shared model fits them worse)")
+    feature_shift: float = _f(0.0, "std of a client-specific mean added to that client's features (covariate shift)")
+    noise: float = _f(0.0, "std of the target noise; 0 makes the problem exactly over-personalized")
+
+    def __post_init__(self) -> None:
+        for k in ("samples_per_client", "shared_dim", "private_dim"):
+            _check(getattr(self, k) >= 1, f"data.partial_linear.{k}", getattr(self, k), "an integer >= 1")
+        _check(self.samples_per_client >= 2, "data.partial_linear.samples_per_client", self.samples_per_client,
+               "an integer >= 2 (each client needs a train and a test sample)")
+        for k in ("heterogeneity", "feature_shift", "noise"):
+            _check(getattr(self, k) >= 0, f"data.partial_linear.{k}", getattr(self, k), "a number >= 0")
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are split into clients."""
 
-    source: Literal["digits", "synthetic", "parquet", "huggingface"] = _f(
+    source: Literal["digits", "synthetic", "parquet", "huggingface", "partial_linear"] = _f(
         "digits", "digits (scikit-learn, bundled), synthetic (seeded), parquet (file or directory), "
-        "huggingface (datasets library: a load_from_disk folder or a dataset name)")
+        "huggingface (datasets library: a load_from_disk folder or a dataset name), partial_linear (the "
+        "seeded over-personalized linear regression of FFGG; clients are generated, data.partition is unused)")
     path: Optional[str] = _f(None, "Parquet file/directory, or Hugging Face dataset folder or name")
     split: Optional[str] = _f(None, "Hugging Face split to read (default: train, or the only one)")
     feature_column: str = _f("features", "column holding features (list of numbers, or encoded image bytes)")
@@ -128,6 +159,8 @@ class DataConfig:
     image_shape: Optional[list[int]] = _f(
         None, "[C, H, W] to reshape flat image features into; inferred for square images when omitted")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={"help": "synthetic source"})
+    partial_linear: PartialLinearConfig = field(default_factory=PartialLinearConfig,
+                                                metadata={"help": "partial_linear source (FFGG's regression)"})
     num_clients: int = _f(20, "number of clients")
     partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "partitioner"})
     test_fraction: float = _f(0.25, "fraction of each client's samples held out as its own test split")
@@ -160,9 +193,10 @@ class DataConfig:
 class ModelConfig:
     """The model every client trains."""
 
-    name: Literal["auto", "vit", "bert", "mlp", "pretrained"] = _f(
-        "auto", "auto (vit for images, bert for text, mlp for vectors), vit, bert, mlp, or pretrained "
-        "(a local Hugging Face folder in model.path)")
+    name: Literal["auto", "vit", "bert", "mlp", "pretrained", "linear"] = _f(
+        "auto", "auto (vit for images, bert for text, mlp for vectors), vit, bert, mlp, pretrained "
+        "(a local Hugging Face folder in model.path), or linear (a linear model: a 'body' block over the "
+        "leading features plus a 'head' block over the trailing model.linear_head_features)")
     path: Optional[str] = _f(None, "local folder with pre-trained weights for name=pretrained")
     hidden_size: int = _f(64, "transformer hidden size")
     num_layers: int = _f(2, "transformer layers")
@@ -172,8 +206,14 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout in the transformer")
     mlp_hidden: list[int] = _f([64], "hidden sizes for name=mlp")
     vocab_size: Optional[int] = _f(None, "vocabulary size for bert (default: from the data)")
+    linear_head_features: Optional[int] = _f(
+        None, "name=linear: trailing input features read only by the 'head' block (the rest feed 'body'); "
+        "null = the data's own split (partial_linear: its private_dim), else every feature goes to 'head'")
 
     def __post_init__(self) -> None:
+        if self.linear_head_features is not None:
+            _check(self.linear_head_features >= 0, "model.linear_head_features", self.linear_head_features,
+                   "an integer >= 0 or null")
         for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
             _check(getattr(self, k) >= 1, f"model.{k}", getattr(self, k), "an integer >= 1")
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
@@ -214,6 +254,46 @@ class TrainConfig:
 
 
 @dataclass
+class AsyncConfig:
+    """Asynchronous training (``runtime.mode: async``): the server applies updates as they arrive.
+
+    A fixed number of clients train at once (``max_in_flight``); when one finishes, its update is
+    applied (or buffered, FedBuff-style, until ``buffer_size`` have arrived) and a new idle client,
+    drawn with a seeded generator, starts on the current server state. Each update's staleness is
+    the number of server steps taken since its client started. A "round" of the metrics table is
+    ``clients per round`` received updates, so evaluation, checkpoints and callbacks keep their
+    per-round meaning.
+    """
+
+    delays: Literal["simulated", "real"] = _f(
+        "simulated", "simulated: seeded virtual client durations decide the arrival order (reproducible for a "
+        "seed, local or Ray executor); real: the order in which Ray tasks actually finish (ray.wait; for "
+        "throughput, not reproducible; runtime.executor=ray only)")
+    max_in_flight: Optional[int] = _f(None, "clients training at the same time; default: clients per round")
+    total_updates: Optional[int] = _f(
+        None, "budget of client updates received; when set it replaces rounds "
+        "(rounds = ceil(total_updates / clients per round)); default: rounds x clients per round")
+    buffer_size: int = _f(1, "take a server step every K received updates (FedBuff); 1 = apply each on arrival")
+    staleness_scaling: bool = _f(
+        False, "delay-adaptive step: scale each update by n / max(n, staleness) with n = max_in_flight")
+    delay_spread: float = _f(
+        1.0, "simulated delays: client c's mean duration is exp(delay_spread * z_c), z_c ~ N(0, 1) from the seed; "
+        "0 = equally fast clients")
+    delay_jitter: float = _f(0.5, "simulated delays: each task takes its client's mean times lognormal(0, jitter)")
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is not None:
+            _check(self.max_in_flight >= 1, "runtime.asynchronous.max_in_flight", self.max_in_flight,
+                   "an integer >= 1 or null")
+        if self.total_updates is not None:
+            _check(self.total_updates >= 1, "runtime.asynchronous.total_updates", self.total_updates,
+                   "an integer >= 1 or null")
+        _check(self.buffer_size >= 1, "runtime.asynchronous.buffer_size", self.buffer_size, "an integer >= 1")
+        _check(self.delay_spread >= 0, "runtime.asynchronous.delay_spread", self.delay_spread, "a number >= 0")
+        _check(self.delay_jitter >= 0, "runtime.asynchronous.delay_jitter", self.delay_jitter, "a number >= 0")
+
+
+@dataclass
 class RuntimeConfig:
     """Where clients and the server run."""
 
@@ -231,8 +311,30 @@ class RuntimeConfig:
     min_quorum: float = _f(0.5, "fraction of sampled clients that must succeed, else the round raises ClientError")
     on_client_failure: Literal["drop", "raise"] = _f(
         "drop", "drop: record the failure and go on while the quorum holds; raise: stop with ClientError")
+    sites: dict[str, list[int]] = _f(
+        {}, "pin clients to nodes: {custom Ray resource: [client ids]}, e.g. {site_a: [0, 1, 2]}; each site's "
+        "actors request a small amount of that resource (start its node with --resources='{\"site_a\": 1}'); "
+        "unlisted clients go to unpinned actors")
+    actors_per_site: int = _f(1, "client actors per site when runtime.sites is set")
+    mode: Literal["sync", "async"] = _f(
+        "sync", "sync: rounds with a barrier; async: the server applies each update when it arrives "
+        "(options in runtime.asynchronous)")
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig,
+                                      metadata={"help": "asynchronous training options (runtime.mode=async)"})
 
     def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        for site, ids in self.sites.items():
+            _check(bool(site) and site not in ("CPU", "GPU", "memory", "object_store_memory"),
+                   f"runtime.sites.{site}", site, "a custom resource name such as site_a (not CPU/GPU/memory)")
+            _check(len(ids) > 0, f"runtime.sites.{site}", ids, "a non-empty list of client ids")
+            for cid in ids:
+                _check(cid >= 0, f"runtime.sites.{site}", ids, "client ids >= 0")
+                if cid in seen:
+                    raise ConfigError(f"config key 'runtime.sites.{site}': client {cid} is already pinned to site "
+                                      f"{seen[cid]!r}; list each client under one site only")
+                seen[cid] = site
+        _check(self.actors_per_site >= 1, "runtime.actors_per_site", self.actors_per_site, "an integer >= 1")
         if self.num_actors is not None:
             _check(self.num_actors >= 1, "runtime.num_actors", self.num_actors, "an integer >= 1 or null")
         if self.num_cpus_per_actor is not None:
@@ -262,15 +364,95 @@ class OutputConfig:
         _check(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "an integer >= 0")
 
 
+ROBUST_RULE_NAMES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clipping")
+
+
+@dataclass
+class AggregationConfig:
+    """How the server combines the clients' shared tensors; applies to every algorithm.
+
+    ``rule: mean`` with ``bucket_size: 0`` (the default) keeps each algorithm's own streaming
+    aggregator. Any other setting buffers the round's updates and replaces the clients' shared
+    tensors by a robust consensus (:func:`rayfed.aggregate.robust_aggregate`) computed over
+    *updates*: client weights minus the current server weights for algorithms that upload weights,
+    the uploaded gradients for algorithms that upload gradients (e.g. FFGG). The algorithm's own
+    aggregator (server learning rate, momentum, optimizer) then applies that consensus.
+    """
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clipping"] = _f(
+        "mean", "mean (the algorithm's own aggregator), median (coordinate-wise), trimmed_mean, krum, multi_krum "
+        "or centered_clipping")
+    bucket_size: int = _f(0, "average random buckets of this many clients before the rule (Karimireddy et al. "
+                          "2022); 0 = no bucketing")
+    trim: float = _f(0.1, "trimmed_mean: fraction in [0, 0.5) of values dropped at each end, or a count >= 1")
+    num_byzantine: int = _f(0, "krum / multi_krum: number f of Byzantine clients tolerated")
+    multi: Optional[int] = _f(None, "multi_krum: clients averaged (default: n - num_byzantine)")
+    tau: Optional[float] = _f(None, "centered_clipping: clipping radius (required for that rule)")
+    iters: int = _f(1, "centered_clipping: clipping iterations")
+
+    def __post_init__(self) -> None:
+        _check(self.bucket_size >= 0, "aggregation.bucket_size", self.bucket_size, "an integer >= 0 (0 = off)")
+        _check(self.num_byzantine >= 0, "aggregation.num_byzantine", self.num_byzantine, "an integer >= 0")
+        _check(self.iters >= 1, "aggregation.iters", self.iters, "an integer >= 1")
+        _check(0 <= self.trim < 0.5 or (self.trim >= 1 and float(self.trim).is_integer()), "aggregation.trim",
+               self.trim, "a fraction in [0, 0.5) or a whole count >= 1")
+        if self.multi is not None:
+            _check(self.multi >= 1, "aggregation.multi", self.multi, "an integer >= 1 or null")
+        if self.rule == "centered_clipping":
+            _check(self.tau is not None and self.tau > 0, "aggregation.tau", self.tau,
+                   "a clipping radius > 0 when aggregation.rule is centered_clipping (e.g. 1.0)")
+
+    @property
+    def robust(self) -> bool:
+        """Whether the server buffers updates and aggregates them robustly."""
+        return self.rule != "mean" or self.bucket_size > 0
+
+
+@dataclass
+class AttackConfig:
+    """SIMULATED Byzantine clients, for robustness experiments only (off by default).
+
+    A seeded set of clients (``fraction`` of them, or the explicit ``clients``) misbehave in every
+    round they take part in: they send sign-flipped, noisy or scaled updates (relative to the
+    weights they received, or their gradient when the algorithm uploads gradients), or train on
+    flipped labels. Their train rows carry ``byzantine = 1``.
+    """
+
+    fraction: float = _f(0.0, "fraction of clients that are Byzantine (seeded choice); 0 = no attack")
+    clients: list[int] = _f([], "explicit Byzantine client ids (overrides fraction)")
+    kind: Literal["sign_flip", "noise", "scale", "label_flip"] = _f(
+        "sign_flip", "sign_flip: send -scale x update; noise: update + N(0, noise_std^2); scale: send "
+        "scale x update; label_flip: train on flipped labels (class C-1-y; negated targets for regression)")
+    scale: float = _f(1.0, "multiplier for sign_flip and scale")
+    noise_std: float = _f(1.0, "standard deviation of the noise added by kind=noise")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.fraction < 1, "attack.fraction", self.fraction, "a fraction in [0, 1)")
+        _check(self.scale > 0, "attack.scale", self.scale, "a number > 0")
+        _check(self.noise_std >= 0, "attack.noise_std", self.noise_std, "a number >= 0")
+        _check(all(c >= 0 for c in self.clients), "attack.clients", self.clients, "client ids >= 0")
+        if self.kind == "scale" and self.scale == 1.0 and self.enabled:
+            raise ConfigError("config key 'attack.scale': kind 'scale' with scale 1.0 sends honest updates; "
+                              "set attack.scale (e.g. 10) or another attack.kind")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any client attacks."""
+        return self.fraction > 0 or bool(self.clients)
+
+
 @dataclass
 class AlgorithmConfig:
     """Base of every algorithm's config; ``name`` selects the registered algorithm.
 
     Each algorithm module subclasses this with its own fields; :func:`from_dict` picks the subclass
-    from the registry by ``name``.
+    from the registry by ``name``. Every algorithm accepts ``private``: the parameter split.
     """
 
     name: str = _f("fedavg", "registered algorithm name (rayfed.algorithms.available())")
+    private: list[str] = _f([], "selectors of tensors kept private (never sent): 'preset:head', 'preset:input', "
+                            "'preset:body', 'preset:norm', 'preset:lora', 'preset:adapter', "
+                            "'preset:attention_qkv', 'type:ClassName' or a regex over parameter names")
 
 
 @dataclass
@@ -293,6 +475,10 @@ class FederationConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "local training"})
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata={"help": "runtime"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "outputs"})
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig, metadata={
+        "help": "server aggregation rule for shared tensors (robust rules, bucketing); every algorithm"})
+    attack: AttackConfig = field(default_factory=AttackConfig, metadata={
+        "help": "SIMULATED Byzantine clients for robustness experiments (off by default)"})
     compare: list[str] = _f([], "run the same experiment for each of these algorithms (CLI and run_comparison)")
 
     def __post_init__(self) -> None:
@@ -302,12 +488,46 @@ class FederationConfig:
             _check(1 <= self.sample_count <= self.data.num_clients, "sample_count", self.sample_count,
                    f"an integer in [1, data.num_clients={self.data.num_clients}]")
         _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        for site, ids in self.runtime.sites.items():
+            bad = [c for c in ids if c >= self.data.num_clients]
+            _check(not bad, f"runtime.sites.{site}", ids,
+                   f"client ids in [0, data.num_clients={self.data.num_clients}) (unknown: {bad})")
         if type(self.algorithm) is AlgorithmConfig:  # plain base: resolve to the algorithm's own config
-            self.algorithm = _algorithm_config(self.algorithm.name, {}, "algorithm")
+            rest = {"private": list(self.algorithm.private)} if self.algorithm.private else {}
+            self.algorithm = _algorithm_config(self.algorithm.name, rest, "algorithm")
+        self._check_async_and_robust()
         from rayfed.algorithms import available
         for i, name in enumerate(self.compare):
             if name not in available():
                 _unknown_algorithm(name, f"compare[{i}]")
+
+    def _check_async_and_robust(self) -> None:
+        n = self.data.num_clients
+        bad = [c for c in self.attack.clients if c >= n]
+        _check(not bad, "attack.clients", self.attack.clients, f"client ids in [0, data.num_clients={n})")
+        rt, a = self.runtime, self.runtime.asynchronous
+        if rt.mode != "async":
+            return
+        if a.max_in_flight is not None:
+            _check(a.max_in_flight <= n, "runtime.asynchronous.max_in_flight", a.max_in_flight,
+                   f"at most data.num_clients={n} (a client trains one update at a time)")
+        if a.delays == "real" and rt.executor != "ray":
+            raise ConfigError("config key 'runtime.asynchronous.delays': 'real' follows Ray's task completion "
+                              f"order and needs runtime.executor=ray, got {rt.executor!r}; use delays=simulated")
+        if rt.round_timeout_s is not None:
+            raise ConfigError(f"config key 'runtime.round_timeout_s': got {rt.round_timeout_s!r}, but asynchronous "
+                              "runs have no rounds to time out; set it to null with runtime.mode=async")
+        if self.aggregation.robust and a.buffer_size < 3:
+            raise ConfigError(f"config key 'runtime.asynchronous.buffer_size': aggregation.rule="
+                              f"{self.aggregation.rule!r} (bucket_size={self.aggregation.bucket_size}) needs several "
+                              f"updates at once, got buffer_size={a.buffer_size}; set buffer_size >= 3")
+        if a.total_updates is not None:  # the budget defines the number of reported rounds
+            self.rounds = -(-a.total_updates // self.clients_per_round())
+
+    def total_updates(self) -> int:
+        """Client updates an asynchronous run receives (``rounds x clients per round`` unless set)."""
+        a = self.runtime.asynchronous
+        return a.total_updates if a.total_updates is not None else self.rounds * self.clients_per_round()
 
     def clients_per_round(self) -> int:
         """Number of clients sampled each round."""

@@ -58,16 +58,26 @@ def _p10(values: Sequence[float]) -> float:
 
 
 def eval_summary(rows: Sequence[dict]) -> dict[str, float]:
-    """Sample-weighted, per-client mean, 10th-percentile and spread of client accuracies."""
-    acc = [r["accuracy"] for r in rows]
+    """Sample-weighted, per-client mean, 10th-percentile and spread of client accuracies.
+
+    Rows without ``accuracy`` (regression) give only the loss: sample-weighted ``test_loss``, and
+    the per-client mean, 90th percentile and maximum of the loss.
+    """
     n = sum(r["num_test"] for r in rows)
+    out = {"test_loss": float(np.average([r["loss"] for r in rows], weights=[r["num_test"] for r in rows]))
+           if n else float("nan")}
+    if rows and all("accuracy" not in r for r in rows):
+        losses = np.asarray([r["loss"] for r in rows], dtype=float)
+        out.update(test_loss_mean=float(losses.mean()), test_loss_p90=float(np.percentile(losses, 90)),
+                   test_loss_max=float(losses.max()))
+        return out
+    acc = [r["accuracy"] for r in rows]
     return {
         "accuracy_weighted": sum(r["correct"] for r in rows) / max(n, 1),
         "accuracy_mean": float(np.mean(acc)) if acc else float("nan"),
         "accuracy_p10": _p10(acc),
         "accuracy_std": float(np.std(acc)) if acc else float("nan"),
-        "test_loss": float(np.average([r["loss"] for r in rows], weights=[r["num_test"] for r in rows]))
-        if n else float("nan"),
+        **out,
     }
 
 
@@ -125,6 +135,7 @@ class Federation:
         self._run_dir_arg = run_dir
         self.placement_group = placement_group
         self.executor = None
+        self._rounds_done = 0
 
     def checkpoint(self, directory: Union[str, Path]) -> Path:
         """Save the server state and every client's private state (callable from a round callback).
@@ -135,6 +146,7 @@ class Federation:
             raise RuntimeError("checkpoint() works only while fit() runs (e.g. from a round callback)")
         d = Path(directory)
         self.executor.save(d)
+        _write_checkpoint_meta(d, self._rounds_done, self.config)
         return d
 
     # -- set-up --------------------------------------------------------------------------------
@@ -194,13 +206,15 @@ class Federation:
     def _loop(self, ds: FederatedDataset, run_dir: Optional[Path], resume_from) -> FederationResult:
         cfg, ex = self.config, self.executor
         alg = cfg.algorithm.name
-        ids = list(ds.client_ids)
+        held = self.algorithm.holdout_clients(list(ds.client_ids), cfg.seed)  # never trained; personalized at the end
+        ids = [c for c in ds.client_ids if c not in set(held)]
         k = cfg.clients_per_round()
         rows: list[dict] = []
         failures: list[ClientError] = []
         start = 0
         if resume_from is not None:
             start = ex.restore(Path(resume_from))
+            start = _read_checkpoint_meta(Path(resume_from), cfg, start)
             log.info("resumed from %s after round %d", resume_from, start)
             prev = Path(resume_from).parent.parent / "metrics.parquet"
             if prev.exists():
@@ -241,13 +255,16 @@ class Federation:
                 rnd.update(last_eval)
             rnd["seconds"] = time.perf_counter() - t0
             add(r + 1, -1, "train", {k2: v for k2, v in rnd.items() if not k2.startswith(("accuracy", "test_"))})
+            self._rounds_done = r + 1
             if run_dir is not None and cfg.output.checkpoint_every and (r + 1) % cfg.output.checkpoint_every == 0:
-                ex.save(run_dir / "checkpoints" / f"round_{r + 1}")
+                self.checkpoint(run_dir / "checkpoints" / f"round_{r + 1}")
             for cb in self.callbacks:
                 cb(r + 1, dict(rnd))
             progress.update(1)
             if "accuracy_mean" in rnd:
                 progress.set_postfix(acc=f"{rnd['accuracy_mean']:.3f}", refresh=False)
+            elif "test_loss" in rnd:
+                progress.set_postfix(loss=f"{rnd['test_loss']:.4g}", refresh=False)
         progress.close()
 
         final = dict(last_eval)
@@ -260,6 +277,8 @@ class Federation:
                 add(cfg.rounds, e["client_id"], "final", e)
             final = eval_summary(evals)
             add(cfg.rounds, -1, "final", final)
+        if held:
+            final.update(self._personalize_holdout(ds, held, ex.server_state(), add))
         elapsed = time.perf_counter() - t_start
 
         metrics = pd.DataFrame(rows, columns=["algorithm", "round", "client_id", "stage", "metric", "value"])
@@ -272,6 +291,23 @@ class Federation:
         if run_dir is not None:
             write_outputs(result)
         return result
+
+    def _personalize_holdout(self, ds: FederatedDataset, held: Sequence[int], state: Any,
+                             add: Callable[[int, int, str, Mapping[str, Any]], None]) -> dict[str, float]:
+        """Personalize the clients kept out of training from the final server state (on the driver)."""
+        cfg = self.config
+        model = build_model(self.model_factory or cfg.model, ds.info, cfg.seed)
+        rows = [self.algorithm.personalize_holdout(state, model, ds.client_data(c), cfg.train, cfg.seed)
+                for c in held]
+        for row in rows:
+            add(cfg.rounds, row["client_id"], "holdout", row)
+        out = {f"holdout_{k}": v for k, v in eval_summary(rows).items()}
+        for key, v in rows[0].items():  # method-specific metrics (e.g. a baseline's accuracy): their mean
+            if key not in ("client_id", "accuracy", "loss", "correct", "num_test") and isinstance(v, (int, float)):
+                out[f"holdout_{key}"] = float(np.mean([r[key] for r in rows]))
+        out["holdout_clients"] = len(rows)
+        add(cfg.rounds, -1, "holdout", out)
+        return out
 
     def _summary(self, metrics: pd.DataFrame, final: dict, elapsed: float, failures, run_dir) -> dict:
         m = metrics[(metrics.client_id == -1) & (metrics.stage == "train")]
@@ -290,6 +326,29 @@ class Federation:
             "roles": getattr(self, "role_counts", {}),
             "run_dir": str(run_dir) if run_dir else None,
         }
+
+
+CHECKPOINT_META = "rayfed_checkpoint.json"
+
+
+def _write_checkpoint_meta(directory: Path, rounds_done: int, cfg: FederationConfig) -> None:
+    """Record which round a checkpoint follows (and its algorithm) next to the saved states."""
+    (directory / CHECKPOINT_META).write_text(json.dumps(
+        {"round": rounds_done, "algorithm": cfg.algorithm.name, "num_clients": cfg.data.num_clients}))
+
+
+def _read_checkpoint_meta(directory: Path, cfg: FederationConfig, restored_round: int) -> int:
+    """The round to resume after: from the checkpoint's record when present (checked against ``cfg``)."""
+    p = directory / CHECKPOINT_META
+    if not p.exists():  # written by an older version: trust the server state's round
+        return restored_round
+    meta = json.loads(p.read_text())
+    for key, mine in (("algorithm", cfg.algorithm.name), ("num_clients", cfg.data.num_clients)):
+        if meta.get(key) is not None and meta[key] != mine:
+            cfg_key = "algorithm.name" if key == "algorithm" else "data.num_clients"
+            raise ConfigError(f"config key '{cfg_key}': the checkpoint {str(directory)!r} was written with "
+                              f"{key}={meta[key]!r} but this run has {mine!r}; resume with the same setting")
+    return int(meta["round"])
 
 
 def _progress(total: int, start: int, enabled: bool, desc: str):
@@ -323,7 +382,7 @@ class ComparisonResult:
         return pd.concat([r.metrics for r in self.results.values()], ignore_index=True)
 
     def table(self) -> pd.DataFrame:
-        cols = ["accuracy_mean", "accuracy_weighted", "accuracy_p10", "accuracy_std", "bytes_up",
+        cols = ["accuracy_mean", "accuracy_weighted", "accuracy_p10", "accuracy_std", "test_loss", "bytes_up",
                 "bytes_down", "seconds"]
         return pd.DataFrame([{"algorithm": n, **{c: r.summary.get(c) for c in cols}}
                              for n, r in self.results.items()])
@@ -337,7 +396,7 @@ def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]
     ``algorithms`` defaults to ``config.compare`` (or just ``config.algorithm``). Outputs go to one
     parent run directory with a subdirectory per algorithm and combined plots.
     """
-    from rayfed.runtime import runtime_session
+    from rayfed.runtime import runtime_session, warm_actors
 
     cfg = _coerce(config)
     names = list(algorithms or cfg.compare or [cfg.algorithm.name])
@@ -357,7 +416,7 @@ def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]
     for f in feds:  # reject every bad config before any actor starts
         f._validate()
     results: dict[str, FederationResult] = {}
-    with runtime_session(cfg):
+    with runtime_session(cfg), warm_actors(cfg):  # one Ray; actor processes reused across methods
         for n, f in zip(names, feds):
             results[n] = f.fit()
     comp = ComparisonResult(results, parent)

@@ -19,19 +19,28 @@ def _plt():
 
 
 def plot_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
-    """Per-client mean (solid) and sample-weighted (dashed) test accuracy against round, per method."""
+    """Per-client mean (solid) and sample-weighted (dashed) test accuracy against round, per method.
+
+    Regression runs (no accuracy) plot the per-client mean and sample-weighted test loss instead,
+    on a log scale.
+    """
     plt = _plt()
     m = metrics[(metrics.client_id == -1) & (metrics.stage == "eval")]
+    regression = len(m) > 0 and not (m.metric == "accuracy_mean").any()
+    pairs = (("test_loss_mean", "-"), ("test_loss", "--")) if regression else \
+        (("accuracy_mean", "-"), ("accuracy_weighted", "--"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (alg, g) in enumerate(m.groupby("algorithm", sort=False)):
         color = f"C{i}"
-        for metric, style in (("accuracy_mean", "-"), ("accuracy_weighted", "--")):
+        for metric, style in pairs:
             s = g[g.metric == metric].sort_values("round")
             if len(s):
                 ax.plot(s["round"], s["value"], style, color=color,
-                        label=f"{alg} ({'client mean' if metric == 'accuracy_mean' else 'weighted'})")
+                        label=f"{alg} ({'client mean' if metric == pairs[0][0] else 'weighted'})")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (own split)")
+    ax.set_ylabel("test loss (own split)" if regression else "test accuracy (own split)")
+    if regression and (m[m.metric.isin([p for p, _ in pairs])].value > 0).all():
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -41,9 +50,11 @@ def plot_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_client_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
-    """Distribution of the final per-client accuracy, one box per method."""
+    """Distribution of the final per-client accuracy (loss for regression), one box per method."""
     plt = _plt()
-    m = metrics[(metrics.client_id >= 0) & (metrics.metric == "accuracy") & metrics.stage.isin(["eval", "final"])]
+    evals = metrics[(metrics.client_id >= 0) & metrics.stage.isin(["eval", "final"])]
+    metric = "accuracy" if (evals.metric == "accuracy").any() or not len(evals) else "loss"
+    m = evals[evals.metric == metric]
     data, labels = [], []
     for alg, g in m.groupby("algorithm", sort=False):
         last = g[g.stage == "final"] if (g.stage == "final").any() else g[g["round"] == g["round"].max()]
@@ -52,7 +63,7 @@ def plot_client_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if data:
         ax.boxplot(data, tick_labels=labels, showmeans=True)
-    ax.set_ylabel("final test accuracy per client")
+    ax.set_ylabel(f"final test {metric} per client")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -101,6 +101,27 @@ class RoleMap:
         return sum(sd[k].numel() for k in self.names(*roles))
 
 
+#: Substrings of PEFT adapter parameter names (LoRA, IA3, LoHa/LoKr, prompt and prefix tuning).
+_ADAPTER_MARKERS = ("lora_", "ia3_", "hada_", "lokr_", "prompt_encoder", "prefix_encoder", "adapter")
+
+
+def _adapter_names(model: torch.nn.Module) -> list[str]:
+    """Trainable adapter tensors (PEFT's LoRA, IA3, LoHa, LoKr, prompt/prefix encoders, ``*adapter*``)."""
+    return [n for n, _ in model.named_parameters() if any(s in n for s in _ADAPTER_MARKERS)]
+
+
+def _norm_names(model: torch.nn.Module) -> list[str]:
+    """Every tensor (affine parameters and running statistics) of normalisation layers (FedBN-style)."""
+    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    out = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, norm_types) or type(mod).__name__.endswith(("LayerNorm", "RMSNorm")):
+            prefix = f"{mname}." if mname else ""
+            out += [prefix + n for n, _ in mod.named_parameters(recurse=False)]
+            out += [prefix + n for n, _ in mod.named_buffers(recurse=False)]
+    return out
+
+
 def _preset(model: torch.nn.Module, name: str) -> list[str]:
     from rayfed import models
 
@@ -111,6 +132,9 @@ def _preset(model: torch.nn.Module, name: str) -> list[str]:
         "attention_qkv_bias": lambda m: [
             n for p in models.attention_projections(m) for n in (p.weight, p.bias) if n],
         "lora": lambda m: [n for n, _ in m.named_parameters() if "lora_" in n],
+        "adapter": _adapter_names,
+        "body": lambda m: [n for n in models.param_names(m) if n not in set(models.head_parameter_names(m))],
+        "norm": _norm_names,
     }
     if name not in presets:
         raise ConfigError(f"unknown role preset {name!r}; valid presets: {', '.join(sorted(presets))} "
@@ -121,7 +145,9 @@ def _preset(model: torch.nn.Module, name: str) -> list[str]:
 def select(model: torch.nn.Module, selector: Selector) -> list[str]:
     """State-dict keys picked by a selector.
 
-    A selector is ``"preset:NAME"`` (head, input, attention_qkv, attention_qkv_bias, lora),
+    A selector is ``"preset:NAME"`` (head: the classifier head; body: every parameter but the
+    head; input: the input layer / embeddings; norm: normalisation layers; lora: LoRA matrices;
+    adapter: any PEFT adapter tensors; attention_qkv, attention_qkv_bias),
     ``"type:ClassName"`` (every tensor of modules of that class), a regular expression searched in
     each key, or a callable ``model -> names``.
     """

@@ -13,7 +13,18 @@ import torch.nn.functional as F
 from rayfed.config import TrainConfig
 from rayfed.models import forward_logits
 
-__all__ = ["batches", "evaluate", "make_optimizer", "only_trainable", "train_epochs"]
+__all__ = ["batches", "evaluate", "make_optimizer", "only_trainable", "task_loss", "train_epochs"]
+
+
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The loss the data's task implies: cross-entropy for integer labels, mean squared error for
+    float (regression) targets (``(N, 1)`` outputs are matched to ``(N,)`` targets).
+    """
+    if torch.is_floating_point(targets):
+        if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
+            outputs = outputs.squeeze(-1)
+        return F.mse_loss(outputs, targets.to(outputs.dtype), reduction=reduction)
+    return F.cross_entropy(outputs, targets, reduction=reduction)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, *,
@@ -72,12 +83,13 @@ def train_epochs(
 ) -> dict[str, float]:
     """Train the parameters in ``names`` on ``(x, y)``; returns mean loss and step count.
 
-    ``loss_fn(logits, targets) -> loss`` defaults to cross-entropy; ``epochs`` defaults to
+    ``loss_fn(logits, targets) -> loss`` defaults to :func:`task_loss` (cross-entropy for integer
+    labels, mean squared error for float targets); ``epochs`` defaults to
     ``cfg.local_epochs`` and may be fractional; ``max_steps`` (or ``cfg.max_steps``) caps the steps.
     """
     epochs = cfg.local_epochs if epochs is None else epochs
     max_steps = max_steps if max_steps is not None else cfg.max_steps
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or task_loss
     xt, yt = to_tensors(x, y, device)
     steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
     total = math.ceil(epochs * steps_per_epoch)
@@ -109,14 +121,21 @@ def train_epochs(
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, device: torch.device,
              batch_size: int = 256) -> dict[str, float]:
-    """Accuracy, mean loss and sample count of ``model`` on ``(x, y)``."""
+    """Accuracy, mean loss and sample count of ``model`` on ``(x, y)``.
+
+    For regression (float targets) only the mean squared error (``loss``) and the sample count.
+    """
     model.eval()
     xt, yt = to_tensors(x, y, device)
+    regression = torch.is_floating_point(yt)
     correct, loss_sum = 0, 0.0
     for xb, yb in batches(xt, yt, batch_size):
         logits = forward_logits(model, xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(-1) == yb).sum())
+        loss_sum += float(task_loss(logits, yb, reduction="sum"))
+        if not regression:
+            correct += int((logits.argmax(-1) == yb).sum())
     n = len(yt)
     model.train()
+    if regression:
+        return {"loss": loss_sum / max(n, 1), "num_test": n}
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "correct": correct, "num_test": n}

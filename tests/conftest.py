@@ -25,8 +25,11 @@ def ray_cluster():
     if ray.is_initialized():
         yield ray
         return
+    here = os.path.dirname(os.path.abspath(__file__))
+    # workers import test-only algorithms and factories by reference, like any user module
+    path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
-             object_store_memory=512 * 1024 * 1024)
+             object_store_memory=512 * 1024 * 1024, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 

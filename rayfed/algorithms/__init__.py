@@ -67,8 +67,8 @@ def create(config) -> Algorithm:
     return get_algorithm(config.name)(config)
 
 
-from rayfed.algorithms import fedavg, fedrep, local  # noqa: E402  (registers the baselines)
+from rayfed.algorithms import fedavg, fedrep, fedtp, ffgg, local  # noqa: E402  (registers the built-ins)
 
-for _mod in (fedavg, fedrep, local):
+for _mod in (fedavg, fedrep, fedtp, ffgg, local):
     for _cls in _mod.ALGORITHMS:
         register_algorithm(_cls)

@@ -13,7 +13,7 @@ Evaluation loads each client's model the same way and tests it on the client's o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -154,6 +154,11 @@ class Algorithm:
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    #: What the uploaded shared tensors are: ``"weights"`` (new values of the server's weights,
+    #: FedAvg-style) or ``"gradient"`` (a step direction the server's aggregator applies, e.g.
+    #: FFGG). Robust aggregation, simulated attacks and asynchronous staleness handling work on
+    #: updates: ``weights - server weights`` for the first kind, the tensors as sent for the second.
+    upload_kind: ClassVar[str] = "weights"
 
     def __init__(self, config: AlgorithmConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class(name=self.name)
@@ -238,3 +243,15 @@ class Algorithm:
     def finalize_client(self, ctx: ClientContext) -> dict[str, float]:
         """Optional post-training stage run once per client after the last round."""
         return {}
+
+    # -- clients that join after training ------------------------------------------------------
+    def holdout_clients(self, client_ids: Sequence[int], seed: int) -> list[int]:
+        """Clients kept out of training and personalized after it (:meth:`personalize_holdout`); default none."""
+        return []
+
+    def personalize_holdout(self, state: ServerState, model: torch.nn.Module, data: ClientData,
+                            train: TrainConfig, seed: int) -> dict[str, float]:
+        """Personalize one held-out client from the final server state; returns its test metrics
+        (``accuracy``, ``loss``, ``correct``, ``num_test`` and any others).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not personalize held-out clients")

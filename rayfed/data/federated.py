@@ -38,7 +38,8 @@ class FederatedDataset:
                  splits: list[tuple[np.ndarray, np.ndarray]], label_names: Optional[list[str]] = None) -> None:
         """Build from full arrays and per-client ``(train_indices, test_indices)`` into them."""
         order = np.concatenate([np.concatenate([tr, te]) for tr, te in splits]).astype(np.int64)
-        self._x, self._y = x[order], y[order].astype(np.int64)
+        self._x = x[order]
+        self._y = y[order].astype(np.float32 if info.task == "regression" else np.int64)
         sizes = np.array([[len(tr), len(te)] for tr, te in splits], dtype=np.int64).reshape(-1, 2)
         self._start = np.concatenate([[0], np.cumsum(sizes.sum(axis=1))])
         self._num_train, self._num_test = sizes[:, 0], sizes[:, 1]
@@ -57,6 +58,11 @@ class FederatedDataset:
         Returns:
             The federated dataset.
         """
+        if cfg.source == "partial_linear":  # clients are generated, not partitioned
+            from rayfed.data.partial_linear import make_partial_linear
+
+            x, y, info, splits = make_partial_linear(cfg, seed)
+            return cls(x, y, info, splits)
         table, info = load_source(cfg, seed)
         x, y, groups = table_to_arrays(table, info)
         return cls.from_arrays(x, y, info, num_clients=cfg.num_clients, partition=cfg.partition,
@@ -102,6 +108,8 @@ class FederatedDataset:
     def label_counts(self) -> np.ndarray:
         """Train + test samples per client and class, shape ``(num_clients, num_classes)``."""
         owner = np.repeat(np.arange(self.num_clients), np.diff(self._start))
+        if self.info.task == "regression":  # no classes: one column of sample counts
+            return np.diff(self._start).reshape(self.num_clients, 1)
         k = self.info.num_classes
         return np.bincount(owner * k + self._y, minlength=self.num_clients * k).reshape(self.num_clients, k)
 

@@ -63,6 +63,14 @@ def load_source(cfg: DataConfig, seed: int) -> tuple[pa.Table, DatasetInfo]:
         if cfg.group_column:  # one balanced random group per client, so by_column can be tested
             groups = np.random.default_rng([seed % 2**63, 1]).permutation(len(y)) % cfg.num_clients
         return _make_table(x, y, groups, None), info
+    if cfg.source == "partial_linear":  # float targets; "group" is the generating client
+        from rayfed.data.partial_linear import make_partial_linear
+
+        x, y, info, splits = make_partial_linear(cfg, seed)
+        groups = np.zeros(len(y), dtype=np.int64)
+        for cid, (tr, te) in enumerate(splits):
+            groups[np.concatenate([tr, te])] = cid
+        return _make_table(x, y, groups, None), info
     if cfg.source == "parquet":
         table, where = _read_parquet(cfg)
         return _from_table(table, cfg, where, None)
@@ -75,7 +83,7 @@ def table_to_arrays(table: pa.Table, info: DatasetInfo) -> tuple[np.ndarray, np.
     feats = table.column("features").combine_chunks()
     dtype = np.int64 if info.modality == "text" else np.float32
     x = feats.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(n, *info.feature_shape)
-    y = table.column("label").to_numpy().astype(np.int64, copy=False)
+    y = table.column("label").to_numpy().astype(np.float32 if info.task == "regression" else np.int64, copy=False)
     groups = table.column("group").to_numpy(zero_copy_only=False) if "group" in table.column_names else None
     return x, y, groups
 
@@ -92,7 +100,8 @@ def label_names(table: pa.Table) -> Optional[list[str]]:
 def _make_table(x: np.ndarray, y: np.ndarray, groups: Any, names: Optional[list[str]]) -> pa.Table:
     flat = np.ascontiguousarray(x).reshape(len(y), -1)
     feats = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
-    cols = {"features": feats, "label": pa.array(y, pa.int64())}
+    cols = {"features": feats, "label": pa.array(y, pa.float32() if np.issubdtype(y.dtype, np.floating)
+                                                  else pa.int64())}
     if groups is not None:
         cols["group"] = groups if isinstance(groups, (pa.Array, pa.ChunkedArray)) else pa.array(groups)
     meta = {LABEL_NAMES_KEY: json.dumps(names).encode()} if names is not None else None

@@ -7,6 +7,7 @@ Hugging Face folder, or any ``factory(info)``); :func:`forward_logits` runs any 
 """
 
 from rayfed.models.builders import (
+    LinearModel,
     MLPClassifier,
     ModelFactory,
     build_model,
@@ -22,6 +23,7 @@ from rayfed.models.introspect import (
 
 __all__ = [
     "AttentionProjection",
+    "LinearModel",
     "MLPClassifier",
     "ModelFactory",
     "attention_projections",

@@ -31,7 +31,7 @@ from rayfed.config import ModelConfig
 from rayfed.data.info import DatasetInfo
 from rayfed.errors import ConfigError
 
-__all__ = ["MLPClassifier", "ModelFactory", "build_model", "forward_logits"]
+__all__ = ["LinearModel", "MLPClassifier", "ModelFactory", "build_model", "forward_logits"]
 
 ModelFactory = Callable[[DatasetInfo], nn.Module]
 """Any callable ``factory(info) -> nn.Module``; accepted by :func:`build_model` in place of a config."""
@@ -66,6 +66,42 @@ class MLPClassifier(nn.Module):
         if not torch.is_floating_point(x):
             x = x.to(self.classifier.weight.dtype)
         return self.classifier(self.body(x))
+
+
+class LinearModel(nn.Module):
+    """A linear model over flattened features, split into two blocks that roles can tell apart.
+
+    ``output = body(x[:, :d - p]) + head(x[:, d - p:])`` with ``p = head_features``: ``body`` (no
+    bias) reads the leading features and ``head`` (with bias) the trailing ``p``. With
+    ``head_features = 0`` (or all features) the model is a single ``head`` layer. On the
+    ``partial_linear`` source ``head`` holds the private ``y_i`` and ``body`` the shared ``x``, so
+    ``preset:head`` is the split of FFGG's synthetic experiments.
+
+    Args:
+        in_features: number of input features after flattening.
+        num_outputs: logits (classification) or regression outputs.
+        head_features: trailing features read by ``head``; 0 means all of them.
+    """
+
+    def __init__(self, in_features: int, num_outputs: int, head_features: int = 0) -> None:
+        super().__init__()
+        p = in_features if head_features in (0, None) else int(head_features)
+        if not 0 < p <= in_features:
+            raise ConfigError(f"config key 'model.linear_head_features': got {head_features}, but the data has "
+                              f"{in_features} features; use a number in [0, {in_features}]")
+        self.split = in_features - p
+        self.flatten = nn.Flatten()
+        self.body = nn.Linear(self.split, num_outputs, bias=False) if self.split else None
+        self.head = nn.Linear(p, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x)
+        if not torch.is_floating_point(x):
+            x = x.to(self.head.weight.dtype)
+        out = self.head(x[:, self.split:])
+        if self.body is not None:
+            out = out + self.body(x[:, :self.split])
+        return out
 
 
 def build_model(cfg: ModelConfig | ModelFactory, info: DatasetInfo, seed: int) -> nn.Module:
@@ -116,7 +152,11 @@ def _build_from_config(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
         return MLPClassifier(math.prod(int(d) for d in info.feature_shape), list(cfg.mlp_hidden), info.num_classes)
     if name == "pretrained":
         return _build_pretrained(cfg, info)
-    raise ConfigError(f"config key 'model.name': got {cfg.name!r}; valid choices: auto, vit, bert, mlp, pretrained")
+    if name == "linear":
+        p = cfg.linear_head_features if cfg.linear_head_features is not None else (info.private_features or 0)
+        return LinearModel(math.prod(int(d) for d in info.feature_shape), info.num_classes, p)
+    raise ConfigError(f"config key 'model.name': got {cfg.name!r}; valid choices: auto, vit, bert, mlp, pretrained, "
+                      "linear")
 
 
 def _build_vit(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:

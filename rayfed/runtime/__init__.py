@@ -28,6 +28,7 @@ __all__ = [
     "client_seed",
     "make_executor",
     "runtime_session",
+    "warm_actors",
 ]
 
 
@@ -40,6 +41,18 @@ def runtime_session(cfg: FederationConfig) -> Iterator[None]:
     from rayfed.runtime.ray_executor import ray_session
 
     with ray_session(cfg.runtime.address):
+        yield
+
+
+@contextlib.contextmanager
+def warm_actors(cfg: FederationConfig) -> Iterator[None]:
+    """Reuse actor processes across the federations run inside the block (Ray runs only)."""
+    if cfg.runtime.executor != "ray":
+        yield
+        return
+    from rayfed.runtime.ray_executor import warm_actors as _warm
+
+    with _warm():
         yield
 
 

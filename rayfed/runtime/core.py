@@ -8,6 +8,7 @@ code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import traceback
@@ -24,7 +25,8 @@ from rayfed.algorithms.base import AUX, UPLOADABLE, Algorithm, ClientContext, Cl
 from rayfed.config import FederationConfig
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.models import build_model
-from rayfed.roles import RoleMap
+from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
+from rayfed.roles import Role, RoleMap
 
 __all__ = ["ClientCohort", "ClientFailure", "CohortSpec", "ServerCore", "client_seed"]
 
@@ -91,6 +93,9 @@ class ClientCohort:
         # frozen tensors never change, so only these can carry over from the previous client
         self._resettable = [k for k in self._initial if self.roles[k].value != "frozen"]
         self.states: dict[int, ClientState] = {}
+        #: SIMULATED Byzantine behaviour (config section ``attack``); None when off
+        self.attack = Attack(cfg.attack, self.num_clients, cfg.seed, ds.info.num_classes,
+                             upload_kind(self.algorithm)) if cfg.attack.enabled else None
 
     # -- state ---------------------------------------------------------------------------------
     def _reset_model(self, keys: Iterable[str] | None = None) -> None:
@@ -105,14 +110,15 @@ class ClientCohort:
             self.states[cid] = self.algorithm.init_client(cid, self.model, self.roles)
         return self.states[cid]
 
-    def _context(self, cid: int, round: int, stage: str, broadcast, payload) -> ClientContext:
+    def _context(self, cid: int, round: int, stage: str, broadcast, payload,
+                 seed_round: Optional[int] = None) -> ClientContext:
         state = self.state_of(cid)
         covered = set(broadcast) | set(payload) | set(state.private)
         self._reset_model([k for k in self._resettable if k not in covered])
         with warnings.catch_warnings():  # object-store numpy arrays are read-only; we only copy them
             warnings.simplefilter("ignore", UserWarning)
             self.algorithm.load_client_model(self.model, self.roles, broadcast, payload, state)
-        seed = client_seed(self.cfg.seed, round, cid, stage)
+        seed = client_seed(self.cfg.seed, round if seed_round is None else seed_round, cid, stage)
         torch.manual_seed(seed)  # dropout and any other global-RNG use
         gen = torch.Generator().manual_seed(seed)
         return ClientContext(cid, round, self.model, self.roles, self.data[cid], self.cfg.train, state,
@@ -140,14 +146,24 @@ class ClientCohort:
         return out
 
     def train(self, round: int, client_ids: list[int], broadcast: Mapping[str, np.ndarray],
-              payloads: Mapping[int, Mapping[str, np.ndarray]]) -> list[ClientUpdate | ClientFailure]:
+              payloads: Mapping[int, Mapping[str, np.ndarray]], *,
+              seed_round: Optional[int] = None) -> list[ClientUpdate | ClientFailure]:
+        """Train ``client_ids`` (``seed_round`` replaces ``round`` in their seeds: asynchronous runs
+        pass a dispatch counter so that repeated work of a client in one round differs).
+        """
         down = int(sum(v.nbytes for v in broadcast.values()))
 
         def one(cid: int) -> ClientUpdate:
             t0 = time.perf_counter()
             payload = payloads.get(cid, {})
-            ctx = self._context(cid, round, "train", broadcast, payload)
+            ctx = self._context(cid, round, "train", broadcast, payload, seed_round)
+            if self.attack is not None:
+                ctx.data = self.attack.poison_data(cid, ctx.data)
             tensors, metrics = self.algorithm.local_update(ctx)
+            if self.attack is not None:
+                tensors = self.attack.poison_upload(cid, round if seed_round is None else seed_round,
+                                                    tensors, broadcast)
+                metrics = {**metrics, "byzantine": float(self.attack.is_byzantine(cid))}
             self._check_upload(cid, tensors)
             self.algorithm.save_client_state(ctx)
             ctx.state.rounds_trained += 1
@@ -158,6 +174,19 @@ class ClientCohort:
             return upd
 
         return self._run(client_ids, round, "train", one)
+
+    def train_async(self, round: int, client_id: int, broadcast: Mapping[str, np.ndarray],
+                    payloads: Mapping[int, Mapping[str, np.ndarray]], *, nonce: int) -> ClientUpdate | ClientFailure:
+        """One client's asynchronous update, trained like :meth:`train` with seeds from ``nonce``.
+
+        The server will have moved on when the update arrives, so uploaded *weights* are sent as
+        differences to the weights this client started from (``broadcast``); gradients go as is.
+        """
+        (res,) = self.train(round, [client_id], broadcast, payloads, seed_round=nonce)
+        if isinstance(res, ClientUpdate) and upload_kind(self.algorithm) == "weights":
+            res.tensors = {k: (to_update(v, broadcast[k], "weights").astype(np.asarray(v).dtype, copy=False)
+                               if k in broadcast and not k.startswith(AUX) else v) for k, v in res.tensors.items()}
+        return res
 
     def evaluate(self, round: int, client_ids: list[int], broadcast: Mapping[str, np.ndarray],
                  payloads: Mapping[int, Mapping[str, np.ndarray]]) -> list[dict | ClientFailure]:
@@ -220,17 +249,27 @@ class ServerCore:
         #: every tensor name this server has ever received from a client (for privacy audits)
         self.received: set[str] = set()
         self.bytes_received = 0
+        self._payload_seconds = 0.0
+        self._steps = 0  # aggregations so far (seeds bucketing; several per round when asynchronous)
 
     def broadcast(self, round: int) -> dict[str, np.ndarray]:
         return self.algorithm.broadcast(self.state, round)
 
     def payloads(self, round: int, client_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        return self.algorithm.payloads(self.state, list(client_ids), round)
+        t0 = time.perf_counter()
+        out = self.algorithm.payloads(self.state, list(client_ids), round)
+        self._payload_seconds = time.perf_counter() - t0  # reported by the next aggregate
+        return out
 
     def aggregate(self, round: int, updates: Iterable[ClientUpdate]) -> dict[str, float]:
         """Feed updates one at a time (the caller may stream them) and step the server state."""
         t0 = time.perf_counter()
         agg = self.algorithm.aggregator(self.state, round)
+        if self.cfg.aggregation.robust:  # buffer, then a robust consensus of the shared tensors
+            agg = RobustAggregator(agg, self.state, self.cfg.aggregation, kind=upload_kind(self.algorithm),
+                                   keys=self.roles.names(Role.SHARED),
+                                   rng=np.random.default_rng([self.cfg.seed % 2**63, round, self._steps, 0xB0C]))
+        self._steps += 1
         n = 0
         for upd in updates:
             self.received.update(upd.tensors)
@@ -238,7 +277,34 @@ class ServerCore:
             agg.add(upd)
             n += 1
         self.state = agg.finish()
-        return {"aggregated": n, "aggregate_seconds": time.perf_counter() - t0}
+        out = {"aggregated": n, "aggregate_seconds": time.perf_counter() - t0,
+               "payload_seconds": self._payload_seconds}
+        if hasattr(agg, "metrics"):  # algorithm-specific server metrics (e.g. hypernetwork timings)
+            out.update(agg.metrics())
+        return out
+
+    def apply_async(self, round: int, updates: Iterable[ClientUpdate], scales: Iterable[float]) -> dict[str, float]:
+        """Apply updates that arrived asynchronously (see :meth:`ClientCohort.train_async`).
+
+        Each update carries differences (weight uploads) or gradients; it is scaled by its factor
+        (the delay-adaptive step, 1 when off), rebased on the current weights and aggregated like a
+        round, so the algorithm's own aggregator (and a robust rule) applies it.
+        """
+        kind = upload_kind(self.algorithm)
+        weights = self.state.weights
+
+        def rebased():
+            for u, a in zip(updates, scales):
+                t = {}
+                for k, v in u.tensors.items():
+                    if k.startswith(AUX) or (kind == "weights" and k not in weights):
+                        t[k] = v
+                    else:
+                        t[k] = from_update(float(a) * np.asarray(v, np.float64), weights.get(k), kind,
+                                           np.asarray(v).dtype)
+                yield dataclasses.replace(u, tensors=t)
+
+        return self.aggregate(round, rebased())
 
     def received_names(self) -> list[str]:
         return sorted(self.received)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,9 +23,10 @@ from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
-from rayfed.runtime.executor import Executor, _update_row, assign_clients
+from rayfed.runtime.executor import Executor, _update_row
+from rayfed.runtime.placement import plan_for_bundles, plan_for_cluster
 
-__all__ = ["ClientActor", "RayExecutor", "ServerActor", "ray_session"]
+__all__ = ["ClientActor", "RayExecutor", "ServerActor", "ray_session", "warm_actors"]
 
 log = logging.getLogger("rayfed")
 
@@ -53,14 +53,21 @@ def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[b
 class ClientActor:
     """A Ray actor hosting a :class:`ClientCohort`: its clients' data and state live here."""
 
-    def __init__(self, spec: CohortSpec, threads: int) -> None:
+    def __init__(self, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        self.cohort = ClientCohort(spec)
+        self.cohort: Optional[ClientCohort] = None
 
-    def ready(self) -> list[int]:
+    def setup(self, spec: CohortSpec) -> list[int]:
+        """Build this actor's cohort (data shards, model, roles); returns its client ids."""
+        self.cohort = None
+        self.cohort = ClientCohort(spec)
         return sorted(self.cohort.data)
+
+    def teardown(self) -> None:
+        """Drop the cohort (back to a warm, empty process for the next federation)."""
+        self.cohort = None
 
     def train(self, round: int, client_ids: list[int], broadcast, payloads) -> list:
         out = []
@@ -91,11 +98,18 @@ class ClientActor:
 class ServerActor:
     """A Ray actor hosting the :class:`ServerCore`: shared weights, aggregator and payloads."""
 
-    def __init__(self, *args: Any, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1) -> None:
         import torch
 
         torch.set_num_threads(threads)
+        self.core: Optional[ServerCore] = None
+
+    def setup(self, *args: Any) -> None:
+        self.core = None
         self.core = ServerCore(*args)
+
+    def teardown(self) -> None:
+        self.core = None
 
     def broadcast(self, round: int):
         return self.core.broadcast(round)
@@ -129,18 +143,59 @@ RemoteClientActor = ray.remote(ClientActor)
 RemoteServerActor = ray.remote(ServerActor)
 
 
+class _ActorPool:
+    """Idle actor processes kept warm between federations (imports and start-up paid once)."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple, list] = {}
+
+    def take(self, key: tuple):
+        lst = self.idle.get(key)
+        return lst.pop() if lst else None
+
+    def give(self, key: tuple, handle) -> None:
+        self.idle.setdefault(key, []).append(handle)
+
+    def kill_all(self) -> None:
+        for handles in self.idle.values():
+            for h in handles:
+                with contextlib.suppress(Exception):
+                    ray.kill(h)
+        self.idle.clear()
+
+
+_POOL: Optional[_ActorPool] = None
+
+
+@contextlib.contextmanager
+def warm_actors() -> Iterator[None]:
+    """Within the block, federations hand their actors back to a pool instead of killing them, and
+    later federations with the same resource shape reuse them (e.g. the methods of a comparison).
+    Pooled actors keep their CPU reservation until the block ends, when they are killed.
+    """
+    global _POOL
+    if _POOL is not None:
+        yield
+        return
+    _POOL = _ActorPool()
+    try:
+        yield
+    finally:
+        pool, _POOL = _POOL, None
+        pool.kill_all()
+
+
+def _acquire(remote_cls, key: Optional[tuple], options: dict, *args: Any, **kwargs: Any):
+    handle = _POOL.take(key) if (_POOL is not None and key is not None) else None
+    return handle if handle is not None else remote_cls.options(**options).remote(*args, **kwargs)
+
+
 def plan_resources(cfg: FederationConfig, cluster_cpus: float, num_clients: int) -> tuple[int, float]:
     """Number of client actors and CPUs per actor: by default one actor per cluster CPU (at most
     one per client), sharing what the server leaves.
     """
-    rt = cfg.runtime
-    n = rt.num_actors or max(1, min(num_clients, int(cluster_cpus)))
-    n = min(n, num_clients)
-    if rt.num_cpus_per_actor is not None:
-        cpus = rt.num_cpus_per_actor
-    else:
-        cpus = max(0.01, math.floor(100 * (cluster_cpus - rt.server_num_cpus) / n) / 100)
-    return n, cpus
+    plan = plan_for_cluster(cfg, list(range(num_clients)), cluster_cpus)
+    return len(plan.actors), plan.actors[0].num_cpus
 
 
 class RayExecutor(Executor):
@@ -154,40 +209,58 @@ class RayExecutor(Executor):
         self.cfg = cfg
         rt = cfg.runtime
         ids = list(dataset.client_ids)
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        if placement_group is not None:
-            cluster_cpus = sum(b.get("CPU", 0) for b in placement_group.bundle_specs)
-        n, cpus = plan_resources(cfg, cluster_cpus, len(ids))
-        self.num_actors, self.cpus_per_actor = n, cpus
-        threads = rt.torch_threads or max(1, int(cpus))
-        self.groups = assign_clients(ids, n)
+        if placement_group is not None:  # a Tune trial's group: bundle 0 hosts the trial itself
+            current = ray.util.get_current_placement_group()
+            plan = plan_for_bundles(cfg, ids, placement_group.bundle_specs,
+                                    first_is_taken=current is not None and current.id == placement_group.id)
+        else:
+            plan = plan_for_cluster(cfg, ids, float(ray.cluster_resources().get("CPU", 1.0)))
+        self.plan = plan
+        self.num_actors = len(plan.actors)
+        self.cpus_per_actor = min(a.num_cpus for a in plan.actors)
+        self.groups = [a.clients for a in plan.actors]
         self.owner = {c: i for i, g in enumerate(self.groups) for c in g}
-        pg_opts = {}
-        if placement_group is not None:
+
+        def where(bundle_index: Optional[int], default: Any) -> dict[str, Any]:
+            if placement_group is None:
+                return {"scheduling_strategy": default} if default else {}
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            pg_opts = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group)}
-        self.server = RemoteServerActor.options(num_cpus=rt.server_num_cpus, **pg_opts).remote(
-            cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory,
-            threads=rt.torch_threads or max(1, int(rt.server_num_cpus)))
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=bundle_index)}
+
+        # warm-pool reuse only outside placement groups (a pool outlives any one group)
+        self._poolable = placement_group is None
+        server_threads = rt.torch_threads or max(1, int(rt.server_num_cpus))
+        self._keys: dict[int, tuple] = {}
+        skey = ("server", rt.server_num_cpus, server_threads)
+        self.server = _acquire(RemoteServerActor, skey if self._poolable else None,
+                               {"num_cpus": rt.server_num_cpus, **where(plan.server_bundle_index, None)},
+                               threads=server_threads)
+        self._server_key = skey
         self.actors = []
-        for group in self.groups:
-            opts: dict[str, Any] = {"num_cpus": cpus, "num_gpus": rt.num_gpus_per_actor,
-                                    "resources": dict(rt.resources_per_actor)}
-            opts.update(pg_opts or {"scheduling_strategy": "SPREAD"})
-            spec = CohortSpec(cfg, algorithm, group, model_factory)
-            self.actors.append(RemoteClientActor.options(**opts).remote(spec, threads))
+        for a in plan.actors:
+            opts: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources),
+                                    **where(a.bundle_index, "SPREAD")}
+            threads = rt.torch_threads or max(1, int(a.num_cpus))
+            key = ("client", a.num_cpus, a.num_gpus, tuple(sorted(dict(a.resources).items())), threads)
+            self.actors.append(_acquire(RemoteClientActor, key if self._poolable else None, opts, threads))
+            self._keys[len(self.actors) - 1] = key
+        server_ready = self.server.setup.remote(cfg, algorithm, dataset.info, dataset.client_sizes(),
+                                                model_factory)
+        setups = [actor.setup.remote(CohortSpec(cfg, algorithm, a.clients, model_factory))
+                  for actor, a in zip(self.actors, plan.actors)]
         # surface set-up errors (data, model) now, naming a client of the failing actor
-        for i, ref in enumerate([a.ready.remote() for a in self.actors]):
+        for i, ref in enumerate(setups):
             try:
                 ray.get(ref)
             except RayError as e:
-                self.close()
+                self.close(reuse=False)
                 raise ClientError(self.groups[i][0], -1, "setup", _cause(e)) from e
         try:
-            ray.get(self.server.received_names.remote())
+            ray.get(server_ready)
         except RayError as e:
-            self.close()
+            self.close(reuse=False)
             raise RuntimeError(f"the server actor failed to start: {_cause(e)}") from e
 
     # -- helpers -------------------------------------------------------------------------------
@@ -227,6 +300,8 @@ class RayExecutor(Executor):
             ok, failed = self._split(res)
             out += ok
             failures += failed
+        # results in client order whatever the actor layout (tables and aggregation are deterministic)
+        out.sort(key=lambda r: r[0].client_id if isinstance(r, tuple) else r["client_id"])
         return out, failures
 
     # -- rounds --------------------------------------------------------------------------------
@@ -265,9 +340,22 @@ class RayExecutor(Executor):
     def actor_nodes(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
 
-    def close(self) -> None:
-        for a in [*getattr(self, "actors", []), getattr(self, "server", None)]:
-            if a is not None:
+    def close(self, reuse: bool = True) -> None:
+        """Kill the actors, or hand them back to the warm pool when one is active."""
+        keys = getattr(self, "_keys", {})
+        pairs = [(a, keys.get(i)) for i, a in enumerate(getattr(self, "actors", []))]
+        if getattr(self, "server", None) is not None:
+            pairs.append((self.server, getattr(self, "_server_key", None)))
+        keep = reuse and _POOL is not None and getattr(self, "_poolable", False)
+        if keep:
+            try:
+                ray.get([a.teardown.remote() for a, _ in pairs])
+            except RayError:
+                keep = False
+        for a, key in pairs:
+            if keep and key is not None:
+                _POOL.give(key, a)
+            else:
                 with contextlib.suppress(Exception):
                     ray.kill(a)
         self.actors = []

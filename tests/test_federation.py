@@ -1,0 +1,182 @@
+"""The round loop with the local executor: privacy, byte counts, baselines, failures, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import small_config
+
+from rayfed import ClientError, Federation, Role, register_algorithm
+from rayfed.algorithms.base import ClientContext, ServerState
+from rayfed.algorithms.fedavg import FedAvg, FedAvgConfig
+from rayfed.data import FederatedDataset
+from rayfed.federation import sample_clients
+from rayfed.models import build_model
+
+
+def _model_and_roles(cfg):
+    ds = FederatedDataset.from_config(cfg.data, cfg.seed)
+    model = build_model(cfg.model, ds.info, cfg.seed)
+    from rayfed.algorithms import create
+
+    return ds, model, create(cfg.algorithm).roles(model)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedper", "fedrep", "fedavg_ft", "local"])
+def test_private_tensors_never_reach_server_and_bytes_match(name):
+    cfg = small_config(rounds=2, algorithm__name=name)
+    ds, model, roles = _model_and_roles(cfg)
+    res = Federation(cfg, run_dir=False).fit()
+    private = set(roles.names(Role.PRIVATE))
+    shared = roles.names(Role.SHARED)
+    assert not private & set(res.server_received)
+    assert set(res.server_received) == set(shared)
+    sd = model.state_dict()
+    expected = sum(sd[k].numel() * sd[k].element_size() for k in shared)
+    m = res.metrics
+    up = m[(m.metric == "bytes_up") & (m.client_id >= 0)]["value"]
+    down = m[(m.metric == "bytes_down") & (m.client_id >= 0)]["value"]
+    assert len(up) == 2 * cfg.data.num_clients
+    assert (up == expected).all() and (down == expected).all()
+    assert res.summary["bytes_up"] == expected * len(up)
+    if name == "local":
+        assert expected == 0 and res.server_state.weights == {}
+
+
+def test_fedavg_server_weights_are_the_sample_weighted_mean():
+    """One round, one local step each: the new global weights equal the hand-computed weighted mean."""
+    cfg = small_config(rounds=1, train__max_steps=1)
+    ds, model, _ = _model_and_roles(cfg)
+    sizes = ds.client_sizes()
+    from rayfed.training import train_epochs
+
+    trained = []
+    from rayfed.runtime import client_seed
+
+    for cid in ds.client_ids:  # replay each client's step in plain torch
+        m = build_model(cfg.model, ds.info, cfg.seed)
+        seed = client_seed(cfg.seed, 0, cid, "train")
+        torch.manual_seed(seed)
+        d = ds.client_data(cid)
+        train_epochs(m, [n for n, _ in m.named_parameters()], d.x_train, d.y_train, cfg.train,
+                     generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+        trained.append({k: v.detach().double().numpy() for k, v in m.state_dict().items()})
+    w = np.array([sizes[c] for c in ds.client_ids], dtype=float)
+    res = Federation(cfg, run_dir=False).fit()
+    for k, v in res.server_state.weights.items():
+        expected = sum(wi * t[k] for wi, t in zip(w, trained)) / w.sum()
+        np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_personalization_beats_fedavg_under_label_skew():
+    cfg = small_config(rounds=4, data__partition__name="pathological", data__partition__classes_per_client=1,
+                       data__synthetic__noise=2.0)
+    accs = {n: Federation(cfg.with_algorithm(n), run_dir=False).fit().summary["accuracy_mean"]
+            for n in ["fedavg", "fedper", "local"]}
+    # one class per client: a private head is enough to be right everywhere, the global model is not
+    assert accs["fedper"] > accs["fedavg"] + 0.2
+    assert accs["local"] > accs["fedavg"] + 0.2
+
+
+def test_fedrep_trains_head_with_body_frozen_then_body():
+    cfg = small_config(rounds=1, algorithm__name="fedrep")
+    res = Federation(cfg, run_dir=False).fit()
+    m = res.metrics
+    head = m[(m.metric == "head_loss") & (m.client_id >= 0)]
+    assert len(head) == cfg.data.num_clients and np.isfinite(head.value).all()
+
+
+def test_fedavg_ft_finetunes_after_training_and_reports_final():
+    cfg = small_config(rounds=2, algorithm__name="fedavg_ft", algorithm__finetune_epochs=3)
+    res = Federation(cfg, run_dir=False).fit()
+    m = res.metrics
+    final = m[(m.stage == "final") & (m.client_id == -1) & (m.metric == "accuracy_mean")].value.item()
+    last = m[(m.stage == "eval") & (m.client_id == -1) & (m.metric == "accuracy_mean")].value.iloc[-1]
+    assert res.summary["accuracy_mean"] == final
+    assert final > last  # fine-tuning on each client's own skewed data helps its own test split
+
+
+def test_sampling_is_seeded_and_sized():
+    ids = list(range(20))
+    a = sample_clients(ids, 5, seed=1, round=3)
+    assert a == sample_clients(ids, 5, seed=1, round=3) and len(set(a)) == 5
+    assert a != sample_clients(ids, 5, seed=1, round=4)
+    cfg = small_config(rounds=3, sample_count=2)
+    m = Federation(cfg, run_dir=False).fit().metrics
+    trained = m[(m.stage == "train") & (m.client_id >= 0) & (m.metric == "bytes_up")]
+    assert trained.groupby("round").size().tolist() == [2, 2, 2]
+
+
+@register_algorithm
+class _FailsOnClient3(FedAvg):
+    name = "test_fails_on_client_3"
+    config_class = FedAvgConfig
+
+    def local_update(self, ctx: ClientContext):
+        if ctx.client_id == 3 and ctx.round == 1:
+            raise ValueError("boom on purpose")
+        return super().local_update(ctx)
+
+
+def test_failing_client_is_dropped_and_recorded():
+    cfg = small_config(rounds=2, algorithm__name="test_fails_on_client_3")
+    res = Federation(cfg, run_dir=False).fit()
+    assert len(res.failures) == 1
+    f = res.failures[0]
+    assert (f.client_id, f.round, f.stage) == (3, 1, "train")
+    assert "boom on purpose" in str(f) and "ValueError" in f.detail
+
+
+def test_failing_client_raises_client_error_when_asked():
+    cfg = small_config(rounds=2, algorithm__name="test_fails_on_client_3", runtime__on_client_failure="raise")
+    with pytest.raises(ClientError, match=r"client 3 failed in round 1 during train: ValueError: boom on purpose"):
+        Federation(cfg, run_dir=False).fit()
+
+
+def test_lost_quorum_raises():
+    cfg = small_config(rounds=2, algorithm__name="test_fails_on_client_3", runtime__min_quorum=1.0)
+    with pytest.raises(ClientError, match=r"client 3 failed in round 1 during train") as info:
+        Federation(cfg, run_dir=False).fit()
+    assert "1 of 6 clients failed in train; the quorum runtime.min_quorum=1.0 needs 6" in info.value.detail
+
+
+def test_outputs_and_resume_from_checkpoint(tmp_path):
+    cfg = small_config(rounds=4, algorithm__name="fedper", output__checkpoint_every=2, output__save_final=True,
+                       output__plots=True, output__dir=str(tmp_path), output__name="run")
+    full = Federation(cfg).fit()
+    d = tmp_path / "run"
+    for f in ["config.yaml", "metrics.parquet", "summary.json", "accuracy.png", "client_accuracy.png",
+              "checkpoints/round_2/server.pt", "checkpoints/final/server.pt"]:
+        assert (d / f).exists(), f
+    assert len(list((d / "checkpoints/round_2/clients").glob("client_*.pt"))) == cfg.data.num_clients
+    table = pd.read_parquet(d / "metrics.parquet")
+    assert list(table.columns) == ["algorithm", "round", "client_id", "stage", "metric", "value"]
+    assert json.loads((d / "summary.json").read_text())["accuracy_mean"] == full.summary["accuracy_mean"]
+    # resuming after round 2 reproduces the uninterrupted run exactly (server and client state restored)
+    resumed = Federation(cfg, run_dir=tmp_path / "resumed").fit(resume_from=d / "checkpoints/round_2")
+    assert resumed.summary["accuracy_mean"] == full.summary["accuracy_mean"]
+    for k, v in full.server_state.weights.items():
+        np.testing.assert_array_equal(v, resumed.server_state.weights[k])
+
+
+def test_model_factory_python_api():
+    calls = []
+
+    def factory(info):
+        calls.append(info)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(info.feature_shape)), 16),
+                                   torch.nn.ReLU(), torch.nn.Linear(16, info.num_classes))
+
+    cfg = small_config(rounds=2, algorithm__name="fedper")
+    res = Federation(cfg, model_factory=factory, run_dir=False).fit()
+    assert calls and res.summary["roles"] == {"shared": 2, "private": 2}
+    assert sorted(res.server_received) == ["1.bias", "1.weight"]
+
+
+def test_server_state_type():
+    res = Federation(small_config(rounds=1), run_dir=False).fit()
+    assert isinstance(res.server_state, ServerState) and res.server_state.round == 1
