@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from rayfed.algorithms import create
-from rayfed.config import FederationConfig, dump_config, from_dict, load_config
+from rayfed.config import FederationConfig, dump_config, from_dict, load_config, to_dict
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.errors import ClientError, ConfigError
 from rayfed.models import build_model
@@ -408,9 +408,8 @@ def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]
         dump_config(cfg, parent / "config.yaml")
     feds = []
     for n in names:
-        sub = cfg if (n == cfg.algorithm.name and not cfg.compare) else cfg.with_algorithm(n)
-        if n == cfg.algorithm.name:
-            sub = from_dict({**_asdict(cfg), "compare": []})
+        # the configured algorithm keeps its options; the others run with their defaults
+        sub = from_dict({**to_dict(cfg), "compare": []}) if n == cfg.algorithm.name else cfg.with_algorithm(n)
         feds.append(Federation(sub, model_factory=model_factory, callbacks=callbacks,
                                run_dir=(parent / n) if parent else False))
     for f in feds:  # reject every bad config before any actor starts
@@ -429,12 +428,6 @@ def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]
             plot_accuracy(comp.metrics, parent / "accuracy.png")
             plot_client_accuracy(comp.metrics, parent / "client_accuracy.png")
     return comp
-
-
-def _asdict(cfg: FederationConfig) -> dict:
-    from rayfed.config import to_dict
-
-    return to_dict(cfg)
 
 
 with contextlib.suppress(Exception):  # keep tqdm quiet about notebooks

@@ -180,3 +180,23 @@ def test_model_factory_python_api():
 def test_server_state_type():
     res = Federation(small_config(rounds=1), run_dir=False).fit()
     assert isinstance(res.server_state, ServerState) and res.server_state.round == 1
+
+
+def test_text_federation_with_bert_from_config_and_from_local_weights(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    text = dict(rounds=2, algorithm__name="fedper", data__synthetic__modality="text",
+                data__synthetic__feature_shape=[12], data__synthetic__vocab_size=60,
+                model__name="bert", model__hidden_size=16, model__num_layers=1, model__num_heads=2,
+                model__intermediate_size=32)
+    res = Federation(small_config(**text), run_dir=False).fit()
+    assert res.summary["accuracy_mean"] > 0.3
+    assert "classifier.weight" not in res.server_received
+    assert any(n.endswith("attention.self.query.weight") for n in res.server_received)
+    # the same data through from_pretrained on a local folder (offline)
+    hf = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=4))
+    hf.save_pretrained(tmp_path / "bert")
+    pre = {**text, "model__name": "pretrained", "model__path": str(tmp_path / "bert")}
+    res2 = Federation(small_config(**pre), run_dir=False).fit()
+    assert res2.summary["accuracy_mean"] > 0.3

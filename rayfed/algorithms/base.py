@@ -238,6 +238,14 @@ class Algorithm:
         for k in ctx.roles.names(Role.PRIVATE):
             ctx.state.private[k] = sd[k].detach().clone()
 
+    def evaluate_client(self, ctx: ClientContext) -> dict[str, float]:
+        """Test the loaded personalized model on the client's own test split (accuracy, loss,
+        correct, num_test).
+        """
+        from rayfed.training import evaluate
+
+        return evaluate(ctx.model, ctx.data.x_test, ctx.data.y_test, device=ctx.device)
+
     has_finalize: ClassVar[bool] = False
 
     def finalize_client(self, ctx: ClientContext) -> dict[str, float]:
