@@ -18,21 +18,33 @@ shards, per-round sampled clients (:func:`rayfed.federation.sample_clients`), pe
 and averages weights (sample-weighted, float64) in plain torch; the benchmark prints the largest
 difference between its final weights and rayfed's as evidence that both did the same work.
 
-Per-round figures exclude start-up (Ray init, actor creation, data and model build), which is
-printed separately, and discard the first (warm-up) round; the figure compared is the median over
-the remaining rounds (the mean is printed too).
+How it runs: one local Ray (``ray.init(address="local", num_cpus=<machine CPUs, at least 2>)``);
+per workload four runners are set up (plain loop at 1 and at 2 torch threads, rayfed with 1 and with
+2 client actors; the two rayfed executors live side by side), then their rounds are run
+interleaved, the order rotating every round, so load from other processes hits all four alike.
+rayfed's round is what :meth:`rayfed.Federation.fit` runs per round (sample the clients, then
+``train_round``: broadcast, local updates in the actors, streaming aggregation in the server actor),
+without the evaluation and bookkeeping around it. Ray's workers run at niceness 15 by default; the
+script starts them at niceness 0 (``RAY_worker_niceness``) like the plain loop's process.
+
+Per-round figures exclude start-up (Ray init; data, model and actor set-up), which is printed
+separately, and discard the first (warm-up) round; the figure compared is the median over the
+remaining rounds (the mean is printed too). For rayfed the median round is also split into client
+work on the busiest actor (as timed inside the actor), server aggregation, and the rest.
 
 Usage::
 
     .venv/bin/python benchmarks/throughput.py                 # both workloads, a few minutes
-    .venv/bin/python benchmarks/throughput.py --quick         # smoke mode (tests), ~30 s
+    .venv/bin/python benchmarks/throughput.py --quick         # smoke mode (a test runs it)
     .venv/bin/python benchmarks/throughput.py --rounds 20 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -44,6 +56,9 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray starts its workers at niceness 15; the plain loop runs in this process at niceness 0. Give the
+# actors the same priority so that load from other processes does not tilt the comparison.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -51,15 +66,16 @@ import torch.nn.functional as F  # noqa: E402
 
 from rayfed.config import FederationConfig, from_dict  # noqa: E402
 from rayfed.data import FederatedDataset  # noqa: E402
-from rayfed.federation import Federation, sample_clients  # noqa: E402
+from rayfed.federation import sample_clients  # noqa: E402
 from rayfed.models import build_model, forward_logits  # noqa: E402
 from rayfed.runtime import client_seed  # noqa: E402
 
 #: Targets of workload A: rayfed seconds per round / plain loop (1 thread) seconds per round.
 TARGETS = {1: 1.1, 2: 0.8}
+SERVER_CPUS = 0.1
 
 
-def workload_a(rounds: int, quick: bool) -> dict[str, Any]:
+def workload_a(rounds: int) -> dict[str, Any]:
     """FedAvg, small ViT on digits, 100 clients, 10 per round, 1 local epoch."""
     return {
         "seed": 0,
@@ -74,7 +90,7 @@ def workload_a(rounds: int, quick: bool) -> dict[str, Any]:
     }
 
 
-def workload_b(rounds: int, quick: bool) -> dict[str, Any]:
+def workload_b(rounds: int) -> dict[str, Any]:
     """Tiny MLP, 50 clients all training each round, 5 full-batch steps per client."""
     return {
         "seed": 0,
@@ -97,9 +113,17 @@ WORKLOADS = {
 }
 
 
-def make_config(base: dict[str, Any], actors: int | None) -> FederationConfig:
+def make_config(base: dict[str, Any], actors: int, cluster_cpus: float) -> FederationConfig:
+    """The workload on the Ray executor with ``actors`` client actors, torch at 1 thread per actor.
+
+    The 1-actor and 2-actor executors live side by side (their rounds are interleaved), so each
+    of the 3 client actors reserves a third of the cluster's logical CPUs less the two servers';
+    this only affects scheduling, not how many threads an actor uses.
+    """
     d = json.loads(json.dumps(base))
-    d["runtime"] = {"executor": "ray", "torch_threads": 1, "num_actors": actors or 1}
+    per_actor = math.floor(100 * (cluster_cpus - 2 * SERVER_CPUS) / 3) / 100
+    d["runtime"] = {"executor": "ray", "torch_threads": 1, "num_actors": actors,
+                    "num_cpus_per_actor": per_actor, "server_num_cpus": SERVER_CPUS}
     d["output"] = {"plots": False, "progress": False, "save_final": False}
     return from_dict(d)
 
@@ -133,102 +157,148 @@ class Timing:
 
 
 # -- rayfed ------------------------------------------------------------------------------------
-def run_rayfed(cfg: FederationConfig) -> tuple[Timing, dict[str, np.ndarray]]:
-    """A full :class:`Federation` run on the Ray executor; per-round time from its callback."""
-    rounds: list[float] = []
-    first_cb: list[float] = []
-
-    def cb(r: int, m: dict) -> None:
-        if not first_cb:
-            first_cb.append(time.perf_counter())
-        rounds.append(float(m["train_seconds"]))
-
-    t0 = time.perf_counter()
-    res = Federation(cfg, callbacks=[cb], run_dir=False).fit()
-    total = time.perf_counter() - t0
-    startup = first_cb[0] - rounds[0] - t0
-    n = cfg.runtime.num_actors
-    t = Timing(f"rayfed, {n} actor{'s' if n > 1 else ''}", startup, rounds, cfg.clients_per_round(),
-               {"fit_total_s": total, "accuracy_mean": res.summary.get("accuracy_mean"),
-                "breakdown": breakdown(res.metrics, rounds, n)})
-    return t, dict(res.server_state.weights)
-
-
-def breakdown(metrics, rounds: list[float], num_actors: int) -> dict[str, float]:
-    """Median split of a measured round: client work on the busiest actor (load model, train,
-    upload, as timed inside the actor), server aggregation, and the rest (Ray calls, object store,
-    driver, waiting for the other actor).
+class RayfedRunner:
+    """rayfed's Ray executor driven round by round, as :meth:`Federation.fit` drives it (sample the
+    round's clients, ``train_round``: broadcast, local updates in the client actors, streaming
+    aggregation in the server actor), without the evaluation and bookkeeping around it.
     """
-    from rayfed.runtime import assign_clients
 
-    m = metrics[(metrics["stage"] == "train") & (metrics["round"] > 1)]
-    client = m[(m.client_id >= 0) & (m.metric == "train_seconds")]
-    agg = m[(m.client_id == -1) & (m.metric == "server_aggregate_seconds")].set_index("round")["value"]
-    owner = {c: i for i, g in enumerate(assign_clients(sorted(set(client.client_id)), num_actors)) for c in g}
-    work, total, busiest = [], [], []
-    for r, g in client.groupby("round"):
-        per_actor = g.groupby(g.client_id.map(owner))["value"].sum()
-        busiest.append(float(per_actor.max()))
-        work.append(float(g["value"].sum()))
-        total.append(rounds[int(r) - 1])
-    med = statistics.median
-    return {"client_work_busiest_actor_s": med(busiest), "client_work_all_s": med(work),
-            "server_aggregate_s": float(agg.median()),
-            "other_s": med([t - b - a for t, b, a in zip(total, busiest, agg.sort_index().tolist())])}
+    def __init__(self, cfg: FederationConfig) -> None:
+        from rayfed.algorithms import create
+        from rayfed.runtime import make_executor
+
+        self.cfg = cfg
+        n = cfg.runtime.num_actors
+        self.name = f"rayfed, {n} actor{'s' if n > 1 else ''}"
+        t0 = time.perf_counter()
+        ds = FederatedDataset.from_config(cfg.data, cfg.seed)
+        self.ids = list(ds.client_ids)
+        self.ex = make_executor(cfg, create(cfg.algorithm), ds)  # starts and sets up the actors
+        self.startup_s = time.perf_counter() - t0
+        groups = getattr(self.ex, "groups", None) or [self.ids]
+        self.owner = {c: i for i, g in enumerate(groups) for c in g}
+        self.parts: list[dict[str, float]] = []
+
+    def round(self, r: int) -> None:
+        sampled = sample_clients(self.ids, self.cfg.clients_per_round(), self.cfg.seed, r)
+        out = self.ex.train_round(r, sampled)
+        if out.failures:
+            raise RuntimeError(f"{self.name}: clients failed in round {r}: {out.failures[0]}")
+        per_actor: dict[int, float] = {}
+        count: dict[int, int] = {}
+        for u in out.updates:
+            a = self.owner[u["client_id"]]
+            per_actor[a] = per_actor.get(a, 0.0) + u["train_seconds"]
+            count[a] = count.get(a, 0) + 1
+        self.parts.append({"busiest": max(per_actor.values()), "all": sum(per_actor.values()),
+                           "busiest_share": max(count.values()) / len(out.updates),
+                           "aggregate": float(out.server.get("aggregate_seconds", 0.0))})
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return dict(self.ex.server_state().weights)
+
+    def breakdown(self, round_s: list[float]) -> dict[str, float]:
+        """Median split of the measured rounds: client work on the busiest actor (load model, train,
+        upload, as timed inside the actor), server aggregation, and the rest (Ray calls, object
+        store, driver).
+        """
+        parts, rounds = self.parts[1:], round_s[1:]
+        med = statistics.median
+        return {"client_work_busiest_actor_s": med(p["busiest"] for p in parts),
+                "client_work_all_actors_s": med(p["all"] for p in parts),
+                "server_aggregate_s": med(p["aggregate"] for p in parts),
+                "busiest_actor_client_share": statistics.fmean(p["busiest_share"] for p in parts),
+                "other_s": med(t - p["busiest"] - p["aggregate"] for t, p in zip(rounds, parts))}
+
+    def close(self) -> None:
+        self.ex.close()
 
 
 # -- the plain loop ----------------------------------------------------------------------------
-def run_plain(cfg: FederationConfig, threads: int) -> tuple[Timing, dict[str, torch.Tensor]]:
-    """The same FedAvg in one process: no Ray, no rayfed runtime, torch only."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        t0 = time.perf_counter()
+class PlainFedAvg:
+    """The same FedAvg in one process, torch only: no Ray, no rayfed runtime.
+
+    Rayfed helpers are used only to pick the same data (shards), initial model, sampled clients and
+    per-client seeds, so both runs train on the same batches in the same order.
+    """
+
+    def __init__(self, cfg: FederationConfig) -> None:
+        self.cfg = cfg
         ds = FederatedDataset.from_config(cfg.data, cfg.seed)
-        model = build_model(cfg.model, ds.info, cfg.seed)
-        ids = list(ds.client_ids)
-        shards = {}
-        for cid in ids:
+        self.model = build_model(cfg.model, ds.info, cfg.seed)
+        self.ids = list(ds.client_ids)
+        self.shards = {}
+        for cid in self.ids:
             cd = ds.client_data(cid)
-            shards[cid] = (torch.as_tensor(cd.x_train), torch.as_tensor(cd.y_train))
-        glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        tc = cfg.train
-        k = cfg.clients_per_round()
-        startup = time.perf_counter() - t0
-        times, cpu = [], []
-        for r in range(cfg.rounds):
-            t1, c1 = time.perf_counter(), time.thread_time()
-            acc = {n: torch.zeros(v.shape, dtype=torch.float64) for n, v in glob.items() if v.is_floating_point()}
-            total = 0
-            for cid in sample_clients(ids, k, cfg.seed, r):
-                x, y = shards[cid]
-                model.load_state_dict(glob)
-                seed = client_seed(cfg.seed, r, cid, "train")
-                torch.manual_seed(seed)
-                gen = torch.Generator().manual_seed(seed)
-                opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-                model.train()
-                steps = 0
-                for _ in range(tc.local_epochs):
-                    for idx in torch.randperm(len(y), generator=gen).split(tc.batch_size):
-                        opt.zero_grad(set_to_none=True)
-                        loss = F.cross_entropy(forward_logits(model, x[idx]), y[idx])
-                        loss.backward()
-                        opt.step()
-                        float(loss.detach())  # rayfed records the loss too
-                        steps += 1
-                        if tc.max_steps is not None and steps >= tc.max_steps:
-                            break
-                with torch.no_grad():
-                    for n, v in model.state_dict().items():
-                        if n in acc:
-                            acc[n] += v.double() * len(y)
-                total += len(y)
-            glob = {n: (acc[n] / total).to(v.dtype) if n in acc else v for n, v in glob.items()}
-            times.append(time.perf_counter() - t1)
-            cpu.append(time.thread_time() - c1)
-        name = f"plain torch, {threads} thread{'s' if threads > 1 else ''}"
-        return Timing(name, startup, times, k, {"cpu_round_s": cpu}), glob
+            self.shards[cid] = (torch.as_tensor(cd.x_train), torch.as_tensor(cd.y_train))
+        self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def client_update(self, r: int, cid: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Load the global weights, train locally; returns the trained state and sample count."""
+        tc, model = self.cfg.train, self.model
+        x, y = self.shards[cid]
+        model.load_state_dict(self.weights)
+        seed = client_seed(self.cfg.seed, r, cid, "train")
+        torch.default_generator.manual_seed(seed)  # CPU-only run: the global CPU RNG is all there is
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+        model.train()
+        total = math.ceil(tc.local_epochs * math.ceil(len(y) / tc.batch_size))
+        if tc.max_steps is not None:
+            total = min(total, tc.max_steps)
+        steps = 0
+        while steps < total:
+            for idx in torch.randperm(len(y), generator=gen).split(tc.batch_size):
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(forward_logits(model, x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                float(loss.detach())  # rayfed records the loss too
+                steps += 1
+                if steps >= total:
+                    break
+        return model.state_dict(), len(y)
+
+    def round(self, r: int) -> None:
+        """One FedAvg round: the sampled clients in turn, then a sample-weighted mean (float64)."""
+        acc = {n: torch.zeros(v.shape, dtype=torch.float64)
+               for n, v in self.weights.items() if v.is_floating_point()}
+        total = 0
+        for cid in sample_clients(self.ids, self.cfg.clients_per_round(), self.cfg.seed, r):
+            state, n = self.client_update(r, cid)
+            with torch.no_grad():
+                for k, v in state.items():
+                    if k in acc:
+                        acc[k] += v.double() * n
+            total += n
+        self.weights = {k: (acc[k] / total).to(v.dtype) if k in acc else v for k, v in self.weights.items()}
+
+
+class PlainRunner:
+    """:class:`PlainFedAvg` at a given number of torch threads."""
+
+    def __init__(self, cfg: FederationConfig, threads: int) -> None:
+        self.threads = threads
+        self.name = f"plain torch, {threads} thread{'s' if threads > 1 else ''}"
+        with torch_threads(threads):
+            t0 = time.perf_counter()
+            self.plain = PlainFedAvg(cfg)
+            self.startup_s = time.perf_counter() - t0
+
+    def round(self, r: int) -> None:
+        with torch_threads(self.threads):
+            self.plain.round(r)
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(prev)
 
@@ -258,31 +328,54 @@ def table(rows: list[Timing], ref: Timing, ref2: Timing) -> str:
     return "\n".join(lines)
 
 
-def run_workload(key: str, rounds: int, quick: bool) -> dict[str, Any]:
+def run_workload(key: str, rounds: int, cluster_cpus: float) -> dict[str, Any]:
+    """Set up the four runners, then run their rounds interleaved (the order rotates every round)
+    so that load from other processes hits all of them alike.
+    """
     title, make = WORKLOADS[key]
-    base = make(rounds, quick)
-    cfg1 = make_config(base, 1)
+    base = make(rounds)
     print(f"\nWorkload {key} ({title}); {rounds} rounds, first discarded as warm-up; load {load()}",
           flush=True)
-    plain1, w_plain = run_plain(cfg1, 1)
-    ray1, w_ray1 = run_rayfed(cfg1)
-    ray2, w_ray2 = run_rayfed(make_config(base, 2))
-    plain2, _ = run_plain(cfg1, 2)
-    rows = [plain1, plain2, ray1, ray2]
-    print(table(rows, plain1, plain2))
-    for t in (ray1, ray2):
-        b = t.extra["breakdown"]
-        print(f"  {t.runner}: median round = {1000 * b['client_work_busiest_actor_s']:.1f} ms client work "
-              f"on the busiest actor (all actors {1000 * b['client_work_all_s']:.1f} ms) + "
-              f"{1000 * b['server_aggregate_s']:.1f} ms server aggregate + {1000 * b['other_s']:.1f} ms other "
-              "(Ray calls, object store, driver)")
-    diffs = {"1 actor": max_diff(w_ray1, w_plain), "2 actors": max_diff(w_ray2, w_plain)}
+    runners: list[Any] = []
+    try:
+        runners.append(PlainRunner(make_config(base, 1, cluster_cpus), 1))
+        runners.append(RayfedRunner(make_config(base, 1, cluster_cpus)))
+        runners.append(RayfedRunner(make_config(base, 2, cluster_cpus)))
+        runners.append(PlainRunner(make_config(base, 1, cluster_cpus), 2))
+        times: dict[str, list[float]] = {run.name: [] for run in runners}
+        for r in range(rounds):
+            k = r % len(runners)
+            for run in runners[k:] + runners[:k]:
+                t0 = time.perf_counter()
+                run.round(r)
+                times[run.name].append(time.perf_counter() - t0)
+        plain1, ray1, ray2, plain2 = runners
+        w_plain = plain1.plain.weights
+        diffs = {"1 actor": max_diff(ray1.weights(), w_plain), "2 actors": max_diff(ray2.weights(), w_plain)}
+    finally:
+        for run in runners:
+            run.close()
+    k = make_config(base, 1, cluster_cpus).clients_per_round()
+    t = {run.name: Timing(run.name, run.startup_s, times[run.name], k) for run in runners}
+    for run in (ray1, ray2):
+        t[run.name].extra["breakdown"] = run.breakdown(times[run.name])
+    rows = [t[plain1.name], t[plain2.name], t[ray1.name], t[ray2.name]]
+    print(table(rows, rows[0], rows[1]))
+    for run in (ray1, ray2):
+        b = t[run.name].extra["breakdown"]
+        print(f"  {run.name}: median round = {1000 * b['client_work_busiest_actor_s']:.1f} ms client work "
+              f"on the busiest actor (all actors {1000 * b['client_work_all_actors_s']:.1f} ms) + "
+              f"{1000 * b['server_aggregate_s']:.1f} ms server aggregate + {1000 * b['other_s']:.1f} ms "
+              "other (Ray calls, object store, driver)"
+              + (f"; the busiest actor ran {100 * b['busiest_actor_client_share']:.0f}% of the sampled "
+                 "clients on average (clients are pinned to actors)" if run.cfg.runtime.num_actors > 1 else ""))
     print("  same-work check, max |w_rayfed - w_plain| over final weights: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), f"(load {load()})")
+          + ", ".join(f"{name} {v:.1e}" for name, v in diffs.items()), f"(load {load()})")
+    p1, p2 = rows[0].median, rows[1].median
     return {"title": title, "config": base, "rounds": rounds, "load_after": load(),
-            "runs": [t.as_dict() for t in rows], "max_weight_diff": diffs,
-            "ratios_vs_plain_1t": {1: ray1.median / plain1.median, 2: ray2.median / plain1.median},
-            "ratios_vs_plain_2t": {1: ray1.median / plain2.median, 2: ray2.median / plain2.median}}
+            "runs": [x.as_dict() for x in rows], "max_weight_diff": diffs,
+            "ratios_vs_plain_1t": {1: rows[2].median / p1, 2: rows[3].median / p1},
+            "ratios_vs_plain_2t": {1: rows[2].median / p2, 2: rows[3].median / p2}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,15 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rayfed throughput benchmark: python {platform.python_version()}, torch {torch.__version__}, "
           f"ray {ray.__version__}, {os.cpu_count()} CPUs, load {load()}")
     t0 = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 * 1024 * 1024)
     ray_init = time.perf_counter() - t0
-    print(f"Ray init (num_cpus={cpus}): {ray_init:.2f} s (not in any per-round figure)")
+    print(f"Ray init (num_cpus={cpus}): {ray_init:.2f} s (not in any per-round figure); Ray workers at "
+          f"niceness {os.environ['RAY_worker_niceness']}, this process at {os.nice(0)}")
     out: dict[str, Any] = {"ray_init_s": ray_init, "cpus": cpus, "load_before": load(),
                            "quick": a.quick, "workloads": {}}
     try:
         for key in a.workloads.upper():
-            out["workloads"][key] = run_workload(key, rounds, a.quick)
+            out["workloads"][key] = run_workload(key, rounds, cpus)
     finally:
         ray.shutdown()
 

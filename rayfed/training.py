@@ -53,14 +53,17 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
 def only_trainable(model: torch.nn.Module, names: Iterable[str]):
     """Within the block only parameters in ``names`` require grad (others are skipped by backward)."""
     names = set(names)
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    # one walk over the modules, and requires_grad_ only where it changes (both cost per client)
+    saved = [(n, p, p.requires_grad) for n, p in model.named_parameters()]
     try:
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in names and saved[n])
-        yield [p for n, p in model.named_parameters() if p.requires_grad]
+        for n, p, was in saved:
+            if was and n not in names:
+                p.requires_grad_(False)
+        yield [p for _, p, _ in saved if p.requires_grad]
     finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
+        for _, p, was in saved:
+            if p.requires_grad != was:
+                p.requires_grad_(was)
 
 
 def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

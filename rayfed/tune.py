@@ -84,12 +84,12 @@ SAMPLERS: dict[str, str] = {
 SCHEDULERS: dict[str, tuple[str, ...]] = {
     "asha": ("grace_period", "reduction_factor", "max_t", "brackets"),
     "fifo": (),
-    "pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "burn_in_period"),
+    "pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "burn_in_period", "synchronous"),
 }
 
 #: round-level metrics a trial reports (any can be the sweep's metric)
 TUNE_METRICS = ("accuracy_mean", "accuracy_weighted", "accuracy_p10", "accuracy_std", "test_loss", "train_loss",
-                "bytes_up", "bytes_down", "seconds")
+                "test_loss_mean", "test_loss_p90", "test_loss_max", "bytes_up", "bytes_down", "seconds")
 
 
 def _native(v: Any) -> Any:
@@ -182,10 +182,12 @@ def _base_data(base_config: Union[FederationConfig, Mapping, str, Path, None]) -
         return to_dict(base_config)
     if isinstance(base_config, Mapping):
         return copy.deepcopy(dict(base_config))
-    if base_config is None:
+    if base_config is None:  # the built-in experiment, evaluated every round so schedulers can compare
         from rayfed.cli import _default_config_path
 
-        base_config = _default_config_path()
+        data = yaml.safe_load(_default_config_path().read_text()) or {}
+        data["eval_every"] = 1
+        return data
     p = Path(base_config)
     if not p.exists():
         raise ConfigError(f"base config {str(base_config)!r} does not exist; pass an existing YAML file "
@@ -369,6 +371,8 @@ def _check_scheduler(sched: Mapping[str, Any], label: str) -> None:
                  "burn_in_period"):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < (0 if k == "burn_in_period" else 1):
                 raise ConfigError(f"{label}: scheduler.{k} must be a number >= 1, got {v!r}")
+        if k == "synchronous" and not isinstance(v, bool):
+            raise ConfigError(f"{label}: scheduler.synchronous must be true or false, got {v!r}")
         if k in ("quantile_fraction", "resample_probability") and not (
                 isinstance(v, (int, float)) and 0 <= v <= (0.5 if k == "quantile_fraction" else 1)):
             raise ConfigError(f"{label}: scheduler.{k} must be in [0, {0.5 if k == 'quantile_fraction' else 1}], "
@@ -470,6 +474,7 @@ def _run_trial(params: dict, *, base: dict, model_factory: Optional[Callable], c
         def on_round(rnd: int, metrics: dict) -> None:
             last.update({k: float(v) for k, v in metrics.items()
                          if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)})
+            last.setdefault(metric, float("nan"))  # before the first evaluation (eval_every > 1)
             first = [metric, "round", *(k for k in TUNE_METRICS if k != metric)]  # Tune's table shows 4
             out = {k: last[k] for k in first if k in last}
             out["round"] = rnd
@@ -553,16 +558,18 @@ def _scheduler(sp: SearchSpace, name: str, rounds: int, checkpoint_every: int):
     if not mutations:
         raise ConfigError(f"{sp.source or 'search space'}: PBT mutates sampled keys, but every key is a grid; "
                           "use choice/uniform/loguniform samplers with --scheduler pbt")
+    if "synchronous" in opts:
+        opts["synch"] = opts.pop("synchronous")
     return PopulationBasedTraining(time_attr="training_iteration",
                                    perturbation_interval=opts.pop("perturbation_interval", checkpoint_every or 1),
                                    hyperparam_mutations=mutations, **opts)
 
 
-def _search(kind: str, sp: SearchSpace, seed: int, scheduler_name: str):
+def _search(kind: str, sp: SearchSpace, seed: int, scheduler_name: str, max_concurrent: Optional[int]):
     if kind == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed)
+        return BasicVariantGenerator(max_concurrent=max_concurrent or 0, random_state=seed)
     if kind != "optuna":
         raise ConfigError(f"--search: expected random or optuna, got {kind!r}")
     if importlib.util.find_spec("optuna") is None:
@@ -584,7 +591,8 @@ def make_tuner(space: Union[SearchSpace, str, Path, Mapping[str, Any]],
                scheduler: Optional[str] = None, search: str = "random", storage_path: Union[str, Path, None] = None,
                name: Optional[str] = None, model_factory: Optional[Callable] = None,
                checkpoint_every: Optional[int] = None, driver_cpus: float = 0.5,
-               max_concurrent_trials: Optional[int] = None, max_failures: int = 0, verbose: int = 1):
+               max_concurrent_trials: Optional[int] = None, max_failures: int = 0, reuse_actors: bool = True,
+               verbose: int = 1):
     """A configured :class:`ray.tune.Tuner` for a search space (customise it before ``.fit()``).
 
     Args:
@@ -602,6 +610,8 @@ def make_tuner(space: Union[SearchSpace, str, Path, Mapping[str, Any]],
         driver_cpus: CPUs of each trial's own process (bundle 0).
         max_concurrent_trials: cap on trials running at once (default: as many as fit).
         max_failures: restarts of a failing trial (from its latest checkpoint).
+        reuse_actors: run later trials in the process of a finished one (saves a process start and
+            the torch import per trial); each trial still starts its own server and client actors.
         verbose: Tune's output level (0 silent, 1 progress table, 2 verbose).
     """
     from ray import tune
@@ -621,12 +631,13 @@ def make_tuner(space: Union[SearchSpace, str, Path, Mapping[str, Any]],
     tune_config = tune.TuneConfig(
         metric=sp.metric, mode=sp.mode, num_samples=num_samples or sp.num_samples,
         scheduler=_scheduler(sp, sched_name, cfg.rounds, every),
-        search_alg=_search(search, sp, cfg.seed, sched_name),
-        max_concurrent_trials=max_concurrent_trials)
+        search_alg=_search(search, sp, cfg.seed, sched_name, max_concurrent_trials),
+        max_concurrent_trials=max_concurrent_trials if search != "random" else None,  # the generator caps it
+        reuse_actors=reuse_actors)
     run_config = tune.RunConfig(
         name=name or f"tune-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{sp.algorithm}",
         storage_path=str(Path(storage_path or cfg.output.dir or "runs").expanduser().resolve()),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if sched_name == "pbt" else 2),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         verbose=verbose)
     return tune.Tuner(trainable(base, model_factory=model_factory, checkpoint_every=every, driver_cpus=driver_cpus,
@@ -650,6 +661,24 @@ def _plain_frame(df):
             if not vals.map(lambda v: isinstance(v, str)).all():
                 df[c] = df[c].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     return pd.DataFrame(df)
+
+
+def _history(result):
+    """Every report of a trial: Tune's progress.csv in the trial folder (complete across PBT
+    restores, where ``Result.metrics_dataframe`` can miss rows), else ``metrics_dataframe``.
+    """
+    import pandas as pd
+
+    f = result.metrics_dataframe
+    try:
+        csv = Path(result.path) / "progress.csv"
+        if csv.exists() and csv.stat().st_size:
+            full = pd.read_csv(csv)
+            if f is None or len(full) > len(f):
+                return full
+    except (OSError, ValueError, pd.errors.ParserError):
+        pass
+    return f
 
 
 def trial_table(results, space: SearchSpace, rounds: int):
@@ -699,7 +728,7 @@ def write_results(results, out_dir: Union[str, Path], space: SearchSpace, base: 
     _plain_frame(table).to_parquet(d / "trials.parquet", index=False)
     frames = []
     for r in results:
-        f = r.metrics_dataframe
+        f = _history(r)
         if f is None or f.empty:
             continue
         f = f.copy()

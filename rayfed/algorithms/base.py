@@ -44,7 +44,10 @@ AUX = "aux/"
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A detached CPU numpy copy (never a view of live model memory)."""
-    return t.detach().to("cpu", copy=True).numpy()
+    t = t.detach()
+    if t.device.type == "cpu" and not (t.is_conj() or t.is_neg()):
+        return t.numpy().copy()  # one copy, without .to()'s dispatch cost (this runs per tensor per client)
+    return t.to("cpu", copy=True).numpy()
 
 
 @dataclass
@@ -234,8 +237,11 @@ class Algorithm:
 
     def save_client_state(self, ctx: ClientContext) -> None:
         """After training: keep the private tensors in the client's state."""
+        names = ctx.roles.names(Role.PRIVATE)
+        if not names:  # nothing private (e.g. FedAvg): skip the state_dict() walk
+            return
         sd = ctx.model.state_dict()
-        for k in ctx.roles.names(Role.PRIVATE):
+        for k in names:
             ctx.state.private[k] = sd[k].detach().clone()
 
     def evaluate_client(self, ctx: ClientContext) -> dict[str, float]:

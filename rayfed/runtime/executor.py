@@ -145,12 +145,20 @@ class LocalExecutor(Executor):
 
 def make_executor(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
                   model_factory: Optional[Callable] = None, *, placement_group: Any = None) -> Executor:
-    """The executor named by ``cfg.runtime.executor`` (a placement group applies to Ray only)."""
+    """The executor named by ``cfg.runtime.executor`` (a placement group applies to Ray only),
+    wrapped in an :class:`~rayfed.runtime.asynchronous.AsyncDriver` when ``runtime.mode`` is async.
+    """
     if cfg.runtime.executor == "local":
-        return LocalExecutor(cfg, algorithm, dataset, model_factory)
-    from rayfed.runtime.ray_executor import RayExecutor
+        ex: Executor = LocalExecutor(cfg, algorithm, dataset, model_factory)
+    else:
+        from rayfed.runtime.ray_executor import RayExecutor
 
-    return RayExecutor(cfg, algorithm, dataset, model_factory, placement_group=placement_group)
+        ex = RayExecutor(cfg, algorithm, dataset, model_factory, placement_group=placement_group)
+    if cfg.runtime.mode == "async":
+        from rayfed.runtime.asynchronous import AsyncDriver
+
+        return AsyncDriver.wrap(ex, cfg, dataset.client_ids)
+    return ex
 
 
 def __getattr__(name: str):  # RayExecutor without importing ray for local runs

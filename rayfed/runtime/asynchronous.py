@@ -1,0 +1,276 @@
+"""Asynchronous training for every algorithm (``runtime.mode: async``).
+
+The server applies each client update when it arrives instead of waiting for a round's barrier:
+``max_in_flight`` clients train at once; when one finishes, its update is applied (or buffered
+until ``buffer_size`` have arrived, FedBuff-style: Nguyen et al., *Federated Learning with
+Buffered Asynchronous Aggregation*, AISTATS 2022) and a new idle client, drawn with a seeded
+generator, starts from the current server state. An update's *staleness* is the number of server
+steps taken since its client started; with ``staleness_scaling`` its step is multiplied by
+``n / max(n, staleness)`` with ``n = max_in_flight`` (the delay-adaptive step of asynchronous FFGG:
+Mishchenko, Islamov, Gorbunov, Horváth, *Partially Personalized Federated Learning: Breaking the
+Curse of Data Heterogeneity*, TMLR 2025, arXiv 2305.18285; Koloskova, Stich, Jaggi, NeurIPS 2022).
+
+Uploaded weights are sent as differences to the weights the client started from (see
+:meth:`~rayfed.runtime.core.ClientCohort.train_async`) and rebased on the current server weights
+when applied (:meth:`~rayfed.runtime.core.ServerCore.apply_async`), so stale FedAvg-style updates
+move the model by what the client learned, not back to an old model. Gradient uploads (FFGG) are
+applied as sent.
+
+:class:`AsyncDriver` wraps an executor and keeps its interface: ``train_round(r, sampled)`` runs
+until ``clients_per_round`` more updates have arrived (``sampled`` is ignored), so one *round* of
+the metrics table is ``clients_per_round`` received updates and evaluation, checkpoints, callbacks
+and Tune reports work unchanged. Two orders of arrival:
+
+* ``delays: simulated`` (default): client ``c`` has a mean duration ``exp(delay_spread * z_c)``
+  (``z_c ~ N(0, 1)`` from the seed) and each task takes that mean times ``lognormal(0,
+  delay_jitter)``; updates are applied in order of virtual finish time. The same seed gives the
+  same run on the local executor and on Ray, whatever the real timings.
+* ``delays: real`` (Ray only): updates are applied in the order Ray tasks finish (``ray.wait``);
+  fastest, not reproducible.
+
+Evaluation sees clients that are still in flight with the private state of their last finished
+local work (in the local executor and in Ray, client work queued before an evaluation runs
+first). In-flight work is not checkpointed: a resumed run starts new clients.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+from rayfed.algorithms.base import ClientUpdate
+from rayfed.config import FederationConfig
+from rayfed.errors import ClientError
+from rayfed.runtime.core import ClientFailure, RoundOutcome
+from rayfed.runtime.executor import Executor, LocalExecutor, _error, _update_row
+
+__all__ = ["AsyncBackend", "AsyncDriver", "LocalAsyncBackend", "staleness_scale"]
+
+
+def staleness_scale(staleness: int, n: int) -> float:
+    """The delay-adaptive step factor ``n / max(n, staleness)`` (1 for updates at most ``n`` stale)."""
+    return n / max(n, staleness, 1)
+
+
+class AsyncBackend(Protocol):
+    """What :class:`AsyncDriver` needs from an executor (one implementation per executor)."""
+
+    def dispatch(self, round: int, client_id: int, nonce: int) -> Any:
+        """Start one client's local work on the current server state; returns a token."""
+
+    def wait_any(self, tokens: Sequence[Any]) -> Any:
+        """Block until one of ``tokens`` is done and return it (real delays only)."""
+
+    def collect(self, token: Any, client_id: int, round: int) -> tuple[ClientUpdate | ClientError, Any]:
+        """The finished work of ``token``: ``(metadata, handle)`` or ``(ClientError, None)``."""
+
+    def apply(self, round: int, handles: list[Any], scales: list[float]) -> dict[str, float]:
+        """Apply arrived updates on the server (one server step); returns server metrics."""
+
+
+class LocalAsyncBackend:
+    """In-process backend: a client's work runs when it is dispatched, on the server state of that
+    moment, and waits until the driver decides it has arrived (simulated delays only).
+    """
+
+    def __init__(self, executor: LocalExecutor) -> None:
+        self.ex = executor
+        self._done: dict[int, ClientUpdate | ClientFailure] = {}
+
+    def dispatch(self, round: int, client_id: int, nonce: int) -> int:
+        s = self.ex.server
+        self._done[nonce] = self.ex.cohort.train_async(round, client_id, s.broadcast(round),
+                                                       s.payloads(round, [client_id]), nonce=nonce)
+        return nonce
+
+    def wait_any(self, tokens: Sequence[Any]) -> Any:  # pragma: no cover - rejected by the config
+        raise RuntimeError("the local executor has no real completion order; use delays=simulated")
+
+    def collect(self, token: int, client_id: int, round: int) -> tuple[ClientUpdate | ClientError, Any]:
+        res = self._done.pop(token)
+        if isinstance(res, ClientFailure):
+            return _error(res), None
+        return res, res
+
+    def apply(self, round: int, handles: list[Any], scales: list[float]) -> dict[str, float]:
+        return self.ex.server.apply_async(round, handles, scales)
+
+
+@dataclass
+class _Job:
+    token: Any
+    client_id: int
+    nonce: int
+    version: int  # server steps applied when the client started
+    finish: float  # virtual finish time (simulated delays)
+
+
+class AsyncDriver(Executor):
+    """Asynchronous rounds over any executor (see the module docstring).
+
+    Args:
+        inner: the executor that hosts the server and the clients.
+        backend: its :class:`AsyncBackend`.
+        cfg: the run's config (``runtime.asynchronous`` and the seed).
+        client_ids: every client of the federation.
+    """
+
+    def __init__(self, inner: Executor, backend: AsyncBackend, cfg: FederationConfig,
+                 client_ids: Sequence[int]) -> None:
+        self.inner, self.backend, self.cfg = inner, backend, cfg
+        a = cfg.runtime.asynchronous
+        self.opts = a
+        self.k = cfg.clients_per_round()
+        self.ids = sorted(int(c) for c in client_ids)
+        self.max_in_flight = min(a.max_in_flight or self.k, len(self.ids))
+        self.budget = cfg.total_updates()
+        z = np.random.default_rng([cfg.seed % 2**63, 0xA5C, 0]).standard_normal(len(self.ids))
+        self.mean_duration = {c: float(np.exp(a.delay_spread * zc)) for c, zc in zip(self.ids, z)}
+        self.in_flight: dict[int, _Job] = {}
+        self.buffer: list[tuple[Any, float]] = []
+        self.received = 0
+        self.version = 0
+        self.nonce = 0
+        self.clock = 0.0
+        self._started: Optional[int] = None
+
+    @classmethod
+    def wrap(cls, executor: Executor, cfg: FederationConfig, client_ids: Sequence[int]) -> AsyncDriver:
+        """The driver for ``executor`` (a :class:`LocalExecutor` or a ``RayExecutor``)."""
+        if isinstance(executor, LocalExecutor):
+            return cls(executor, LocalAsyncBackend(executor), cfg, client_ids)
+        from rayfed.runtime.ray_async import RayAsyncBackend
+
+        return cls(executor, RayAsyncBackend(executor), cfg, client_ids)
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _start(self, round: int) -> None:
+        """Seed the schedule for a run starting (or resuming) at ``round``."""
+        self._started = round
+        self.received = min(self.budget, round * self.k)
+        self._pick = np.random.default_rng([self.cfg.seed % 2**63, 0xA5C, 1, round])
+        self._duration = np.random.default_rng([self.cfg.seed % 2**63, 0xA5C, 2, round])
+
+    def _fill(self, round: int) -> None:
+        while len(self.in_flight) < self.max_in_flight and self.received + len(self.in_flight) < self.budget:
+            busy = {j.client_id for j in self.in_flight.values()}
+            idle = [c for c in self.ids if c not in busy]
+            cid = int(self._pick.choice(idle))
+            took = self.mean_duration[cid] * float(self._duration.lognormal(0.0, self.opts.delay_jitter))
+            token = self.backend.dispatch(round, cid, self.nonce)
+            self.in_flight[self.nonce] = _Job(token, cid, self.nonce, self.version, self.clock + took)
+            self.nonce += 1
+
+    def _next(self) -> _Job:
+        if self.opts.delays == "simulated":
+            job = min(self.in_flight.values(), key=lambda j: (j.finish, j.nonce))
+            self.clock = job.finish
+        else:
+            by_token = {j.token: j for j in self.in_flight.values()}
+            job = by_token[self.backend.wait_any(list(by_token))]
+        del self.in_flight[job.nonce]
+        return job
+
+    def _apply(self, round: int) -> dict[str, float]:
+        handles, scales = [h for h, _ in self.buffer], [s for _, s in self.buffer]
+        self.buffer = []
+        out = self.backend.apply(round, handles, scales)
+        self.version += 1
+        return out
+
+    # -- the executor interface ------------------------------------------------------------------
+    def train_round(self, round: int, client_ids: list[int]) -> RoundOutcome:
+        """Run until ``clients_per_round`` more updates arrived (``client_ids`` is not used: the
+        driver picks clients as slots free up).
+        """
+        if self._started is None:
+            self._start(round)
+        target = min(self.budget, (round + 1) * self.k)
+        t0 = time.perf_counter()
+        rows: list[dict] = []
+        failures: list[ClientError] = []
+        staleness: list[int] = []
+        steps, agg_seconds = 0, 0.0
+        server: dict[str, float] = {}
+        while self.received < target:
+            self._fill(round)
+            job = self._next()
+            meta, handle = self.backend.collect(job.token, job.client_id, round)
+            if isinstance(meta, ClientError):
+                failures.append(meta)
+                self._enforce_async(round, len(rows), failures)
+                continue
+            self.received += 1
+            stale = self.version - job.version
+            scale = staleness_scale(stale, self.max_in_flight) if self.opts.staleness_scaling else 1.0
+            staleness.append(stale)
+            meta.metrics.update(staleness=float(stale), step_scale=scale,
+                                arrival_time=self.clock if self.opts.delays == "simulated"
+                                else time.perf_counter() - t0)
+            rows.append(_update_row(meta))
+            self.buffer.append((handle, scale))
+            if len(self.buffer) >= self.opts.buffer_size or self.received >= self.budget:
+                server = self._apply(round)
+                steps += 1
+                agg_seconds += float(server.get("aggregate_seconds", 0.0))
+        self._enforce_async(round, len(rows), failures, final=True)
+        elapsed = time.perf_counter() - t0
+        metrics = {**server, "aggregate_seconds": agg_seconds, "updates": float(len(rows)), "steps": float(steps),
+                   "staleness_mean": float(np.mean(staleness)) if staleness else float("nan"),
+                   "staleness_max": float(max(staleness)) if staleness else float("nan"),
+                   "buffered": float(len(self.buffer)), "in_flight": float(len(self.in_flight)),
+                   "updates_per_second": len(rows) / elapsed if elapsed > 0 else float("nan")}
+        if self.opts.delays == "simulated":
+            metrics["virtual_time"] = self.clock
+        return RoundOutcome(rows, failures, metrics)
+
+    def _enforce_async(self, round: int, ok: int, failures: list[ClientError], final: bool = False) -> None:
+        """The failure policy over one asynchronous round's attempts (raise, or a lost quorum)."""
+        if not failures:
+            return
+        if self.cfg.runtime.on_client_failure == "raise":
+            raise failures[0]
+        attempts = ok + len(failures)
+        if not final and attempts < self.k:
+            return
+        needed = math.ceil(self.cfg.runtime.min_quorum * attempts)
+        if ok < needed:
+            first = failures[0]
+            raise ClientError(first.client_id, first.round, first.stage,
+                              f"{first.detail}\n{len(failures)} of {attempts} asynchronous client updates failed in "
+                              f"round {round}; the quorum runtime.min_quorum={self.cfg.runtime.min_quorum} needs "
+                              f"{needed}") from first
+
+    def evaluate(self, round: int, client_ids: list[int]):
+        return self.inner.evaluate(round, client_ids)
+
+    def finalize(self, round: int, client_ids: list[int]):
+        return self.inner.finalize(round, client_ids)
+
+    def save(self, directory) -> None:
+        self.inner.save(directory)
+
+    def restore(self, directory) -> int:
+        r = self.inner.restore(directory)
+        self._started = None  # the schedule restarts at the round the loop resumes from
+        return r
+
+    def received_names(self) -> list[str]:
+        return self.inner.received_names()
+
+    def server_state(self):
+        return self.inner.server_state()
+
+    def close(self, *args: Any, **kwargs: Any) -> None:
+        self.in_flight.clear()
+        self.inner.close(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # anything else the wrapped executor offers
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

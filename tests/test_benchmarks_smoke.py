@@ -1,0 +1,46 @@
+"""Smoke test of ``benchmarks/throughput.py --quick`` (issue 2).
+
+The benchmark starts its own local Ray (``ray.init(address="local")``) in a subprocess, so it never
+touches the test session's Ray. The test checks that both workloads ran end to end, that rayfed and
+the plain loop did the same work, and that a verdict line was printed for every target; it does not
+assert any speed (timings belong to the benchmark, not to a test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_throughput_quick_prints_targets_and_ratios(tmp_path):
+    out = tmp_path / "throughput.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    targets = re.findall(r"^TARGET A (1 actor|2 actors) <= ([\d.]+)x plain \(1 thread\): ratio ([\d.]+)x -> "
+                         r"(met|NOT met) \(vs plain at 2 threads: ([\d.]+)x\)$", text, re.M)
+    assert [t[0] for t in targets] == ["1 actor", "2 actors"], text
+    assert [float(t[1]) for t in targets] == [1.1, 0.8]
+    for _, limit, ratio, verdict, _ in targets:  # the verdict agrees with the printed ratio
+        assert (verdict == "met") == (float(ratio) <= float(limit))
+    assert len(re.findall(r"^RATIO B (1 actor|2 actors) vs plain \(1 thread\): [\d.]+x", text, re.M)) == 2, text
+    figures = json.loads(out.read_text())
+    assert set(figures["workloads"]) == {"A", "B"}
+    for w in figures["workloads"].values():
+        assert [r["runner"] for r in w["runs"]] == ["plain torch, 1 thread", "plain torch, 2 threads",
+                                                    "rayfed, 1 actor", "rayfed, 2 actors"]
+        for r in w["runs"]:
+            assert len(r["round_s"]) == w["rounds"] and all(t > 0 for t in r["round_s"])
+        # same sampled clients, batches and seeds: rayfed's final weights equal the plain loop's
+        assert max(w["max_weight_diff"].values()) < 1e-5
