@@ -16,7 +16,8 @@ Three parts (each prints a table; figures go to ``--out``):
 3. **throughput**: FedAvg on digits (ViT, quantity-skewed clients so local work differs) with 2
    client actors on a Ray started here; client updates per second of the training loop, for
    ``runtime.mode=sync`` and ``async`` (real delays: ``ray.wait`` on in-flight clients), same
-   number of updates. Evaluation only after the last round.
+   number of updates. Evaluation only after the last round; the median of ``--repeats`` runs after
+   a warm-up run is reported (this machine's load makes single runs noisy).
 
 Usage::
 
@@ -197,20 +198,24 @@ def part_throughput(args, out: Path) -> dict:
         for label, rt in modes.items():
             d = json.loads(json.dumps(base))
             d["runtime"].update(rt)
-            for _ in range(2 if not args.quick else 1):  # first run warms the actor pool
+            rates = []
+            for i in range(1 + args.repeats):  # run 0 warms up (actor start, torch first-call costs)
                 res = Federation(from_dict(d), run_dir=False).fit()
-            m = res.metrics
-            train = m[(m.client_id == -1) & (m.stage == "train")]
-            loop = float(train[train.metric == "train_seconds"].value.sum())
-            updates = int((m[(m.stage == "train") & (m.client_id >= 0)].metric == "train_loss").sum())
-            rows.append({"mode": label, "updates": updates, "train_loop_s": loop, "updates_per_s": updates / loop,
-                         "accuracy_mean": res.summary["accuracy_mean"]})
-            print(f"  {label}: {updates / loop:.2f} updates/s", flush=True)
+                m = res.metrics
+                train = m[(m.client_id == -1) & (m.stage == "train")]
+                loop = float(train[train.metric == "train_seconds"].value.sum())
+                updates = int((m[(m.stage == "train") & (m.client_id >= 0)].metric == "train_loss").sum())
+                if i or not args.repeats:
+                    rates.append(updates / loop)
+            rows.append({"mode": label, "updates": updates, "updates_per_s (median)": float(np.median(rates)),
+                         "min": min(rates), "max": max(rates), "accuracy_mean": res.summary["accuracy_mean"]})
+            print(f"  {label}: {np.median(rates):.2f} updates/s (runs: {', '.join(f'{r:.1f}' for r in rates)})",
+                  flush=True)
     finally:
         if started:
             ray.shutdown()
     table = pd.DataFrame(rows)
-    table["speed-up vs sync"] = table.updates_per_s / table.updates_per_s.iloc[0]
+    table["speed-up vs sync"] = table["updates_per_s (median)"] / table["updates_per_s (median)"].iloc[0]
     return {"table": table, "rounds": rounds}
 
 
@@ -219,10 +224,13 @@ def main() -> None:
     p.add_argument("--parts", default="synthetic,digits,throughput")
     p.add_argument("--rounds", type=int, default=40, help="rounds of the synthetic runs")
     p.add_argument("--digits-rounds", type=int, default=30)
-    p.add_argument("--tp-rounds", type=int, default=6, help="rounds (x 8 updates) of the throughput runs")
+    p.add_argument("--tp-rounds", type=int, default=12, help="rounds (x 8 updates) of the throughput runs")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per throughput mode (median reported)")
     p.add_argument("--out", default="runs/bench_ffgg", help="folder for the figures")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
+    if args.quick:
+        args.repeats = min(args.repeats, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]

@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = a.rounds if a.rounds is not None else (3 if a.quick else 10)
     if rounds < 2:
         p.error("--rounds must be >= 2 (the first round is a discarded warm-up)")
+    if not a.workloads or any(w not in WORKLOADS for w in a.workloads.upper()):
+        p.error(f"--workloads takes letters among {''.join(WORKLOADS)}, got {a.workloads!r}")
     import ray
 
     cpus = max(2, os.cpu_count() or 2)

@@ -7,9 +7,9 @@ a cluster and never stops one: if no cluster is running it exits with an error.
 
 Usage::
 
-    ray submit cluster.yaml rayfed/submit.py -- run ~/rayfed-pfl/examples/quickstart.yaml
-    ray submit cluster.yaml rayfed/submit.py -- tune ~/rayfed-pfl/tune_spaces/fedper.yaml \
-        --config ~/rayfed-pfl/examples/quickstart.yaml --num-samples 4
+    ray submit cluster.yaml rayfed/submit.py -- run rayfed-pfl/examples/quickstart.yaml
+    ray submit cluster.yaml rayfed/submit.py -- tune rayfed-pfl/tune_spaces/fedper.yaml \
+        --config rayfed-pfl/examples/quickstart.yaml --num-samples 4
     ray job submit --address http://HEAD:8265 --working-dir DIR -- python -m rayfed.submit run config.yaml
 
 The script is self-contained (``ray submit`` copies this one file to the head node), so rayfed

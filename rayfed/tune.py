@@ -520,6 +520,7 @@ def trainable(base_config: Union[FederationConfig, Mapping, str, Path, None] = N
 
     data = _base_data(base_config)
     data["compare"] = []
+    data.setdefault("output", {})["progress"] = False  # no progress bars in trial logs
     cfg = from_dict(data)
     every = checkpoint_every if checkpoint_every is not None else (cfg.output.checkpoint_every or 1)
     if every < 0:

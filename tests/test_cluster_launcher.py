@@ -130,7 +130,7 @@ def test_ray_up_submit_down_over_ssh_to_loopback(ssh_loopback, tmp_path):
         assert (home / "rayfed-pfl" / "examples" / "quickstart.yaml").exists()  # file_mounts synced
         assert not (home / "rayfed-pfl" / ".venv").exists()  # rsync_exclude applied
         sub = _run([RAY, "submit", str(conf), "rayfed/submit.py", "--", "run",
-                    "~/rayfed-pfl/examples/quickstart.yaml", "--set", "rounds=2",
+                    "rayfed-pfl/examples/quickstart.yaml", "--set", "rounds=2",
                     "--set", "output.progress=false"], timeout=400, cwd=ROOT, env_extra=launcher)
         assert "rayfed.submit: connected to auto (1 node(s)" in sub.stdout
         assert "client-mean acc" in sub.stdout and "run directory:" in sub.stdout
@@ -146,6 +146,10 @@ def test_ray_up_submit_down_over_ssh_to_loopback(ssh_loopback, tmp_path):
             if comm != "sshd":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        for cache in Path("/tmp").glob("ray-config-*"):  # the launcher's cached copy of this config
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                if name in cache.read_text():
+                    cache.unlink()
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
 
 

@@ -35,8 +35,6 @@ from rayfed.runtime.executor import LocalExecutor
 
 TARGETS = [GenerationTarget("a.q.weight", (2, 3), 0), GenerationTarget("a.v.weight", (2, 3), 0),
            GenerationTarget("b.k.weight", (3, 2), 1), GenerationTarget("b.k.bias", (3,), 1)]
-TIMINGS = ["train_seconds", "seconds", "server_aggregate_seconds", "server_payload_seconds",
-           "server_hypernet_seconds"]
 
 
 def vit_config(**overrides):
@@ -302,7 +300,7 @@ def test_personalized_t_keeps_attention_in_each_clients_state():
 
 def _frame(res):
     m = res.metrics
-    return m[~m.metric.isin(TIMINGS)].reset_index(drop=True)
+    return m[~m.metric.str.endswith("seconds")].reset_index(drop=True)  # timings vary
 
 
 @pytest.mark.ray

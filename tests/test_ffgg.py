@@ -246,3 +246,20 @@ def test_regression_outputs_tolerate_missing_accuracy(tmp_path):
     assert "client-mean loss" in table and "None" not in table.splitlines()[2]
     d = to_dict(cfg)
     assert from_dict(d) == cfg
+
+
+def test_split_presets_norm_body_and_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    vit = build_model(ModelConfig(name="vit", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16),
+                      DatasetInfo(10, (1, 8, 8), "image"), 0)
+    norms = select(vit, "preset:norm")
+    assert norms and all("layernorm" in n for n in norms)
+    body = select(vit, "preset:body")
+    assert not set(body) & set(select(vit, "preset:head"))
+    assert len(body) + len(select(vit, "preset:head")) == len(list(vit.named_parameters()))
+    peft = get_peft_model(vit, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    adapters = select(peft, "preset:adapter")
+    assert adapters and set(adapters) == set(select(peft, "preset:lora"))
+    with pytest.raises(ConfigError, match="valid presets: .*adapter.*body.*norm"):
+        select(vit, "preset:nope")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 
 def _metric_frame(res):
     m = res.metrics
-    keep = ~m.metric.isin(["train_seconds", "seconds", "server_aggregate_seconds"])
+    keep = ~m.metric.str.endswith("seconds")  # timings (train, round, server aggregate/payload) vary
     return m[keep].reset_index(drop=True)
 
 

@@ -490,7 +490,14 @@ class FedTPAggregator:
 
 
 class FedTP(Algorithm):
-    """Q/K/V generated per client by a server-side hypernetwork; the rest shared (FedAvg)."""
+    """Q/K/V generated per client by a server-side hypernetwork; the rest shared (FedAvg).
+
+    Example:
+        >>> from rayfed import Federation, load_config
+        >>> cfg = load_config(None, ["algorithm.name=fedtp", "algorithm.holdout_clients=2"])
+        >>> result = Federation(cfg).fit()                      # doctest: +SKIP
+        >>> result.summary["holdout_accuracy_mean"]             # doctest: +SKIP
+    """
 
     name = "fedtp"
     config_class = FedTPConfig

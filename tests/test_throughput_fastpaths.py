@@ -46,3 +46,32 @@ def test_to_numpy_is_a_detached_copy():
     assert float(t.detach()[0, 0]) == 1.0
     c = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64).conj()  # lazily conjugated view
     np.testing.assert_array_equal(to_numpy(c), np.array([1 - 2j, 3 + 1j], dtype=np.complex64))
+
+
+def test_upload_batch_round_trips_every_client_exactly():
+    import pickle
+
+    from rayfed.runtime.ray_executor import _UploadBatch
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal(_UploadBatch.PACK_BELOW // 4 + 1).astype(np.float32)  # stays unpacked
+    uploads = {
+        3: {"w": rng.standard_normal((4, 5)).astype(np.float32), "b": np.array(2.5),
+            "mask": np.array([True, False, True]), "big": big},
+        7: {"w": rng.standard_normal((4, 5)).astype(np.float32)[:, ::2],  # not contiguous
+            "aux/count": np.arange(3, dtype=np.int64), "aux/note": "kept as is"},
+        9: {},
+    }
+    batch = pickle.loads(pickle.dumps(_UploadBatch(uploads), protocol=5))
+    assert sorted(batch.index) == [3, 7, 9]
+    for cid, tensors in uploads.items():
+        got = batch.tensors(cid)
+        assert list(got) == list(tensors)  # same keys, same order
+        for k, v in tensors.items():
+            if isinstance(v, np.ndarray):
+                assert got[k].dtype == v.dtype and got[k].shape == v.shape
+                np.testing.assert_array_equal(got[k], v)
+            else:
+                assert got[k] == v
+    assert set(batch.packed) == {np.dtype(np.float32).str, np.dtype(np.float64).str, np.dtype(bool).str,
+                                 np.dtype(np.int64).str}
