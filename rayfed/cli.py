@@ -27,18 +27,9 @@ def _default_config_path() -> Path:
 
 
 def _load(args) -> FederationConfig:  # noqa: F821
-    import yaml
+    from rayfed.config import apply_overrides, from_dict, read_config_file
 
-    from rayfed.config import apply_overrides, from_dict
-
-    path = Path(args.config) if args.config else _default_config_path()
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file "
-                          "(or no file for the built-in default)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    data = read_config_file(args.config or _default_config_path())
     sets = list(args.set or [])
     if getattr(args, "executor", None):
         sets.append(f"runtime.executor={args.executor}")

@@ -708,18 +708,21 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file (not yet validated); clear errors for missing or bad files."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file "
+                          "(or no file for the built-in default)")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FederationConfig:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file "
-                              "(or no file for the built-in default)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    data = read_config_file(path) if path is not None else {}
     return from_dict(apply_overrides(data, overrides))
 
 
@@ -728,4 +731,4 @@ def dump_config(cfg: FederationConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__.append("dump_config")
+__all__ += ["dump_config", "read_config_file"]

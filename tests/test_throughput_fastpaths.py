@@ -63,7 +63,7 @@ def test_upload_batch_round_trips_every_client_exactly():
         9: {},
     }
     batch = pickle.loads(pickle.dumps(_UploadBatch(uploads), protocol=5))
-    assert sorted(batch.index) == [3, 7, 9]
+    assert sorted(batch.client_ids()) == [3, 7, 9]
     for cid, tensors in uploads.items():
         got = batch.tensors(cid)
         assert list(got) == list(tensors)  # same keys, same order

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -112,10 +113,12 @@ class ClientActor:
 class _UploadBatch:
     """One client actor's uploads of one round, stored as one object.
 
-    Arrays under ``PACK_BELOW`` bytes are packed into one flat buffer per dtype: Ray serialises
-    every numpy array as its own buffer, and for small models (hundreds of small tensors per round)
-    that per-buffer cost dominated the put and the get. Larger arrays stay as they are (packing
-    them would only add a copy). :meth:`tensors` gives a client's arrays back as views.
+    Ray's serialiser costs per Python object and per numpy buffer, and a small model uploads
+    hundreds of small tensors per round, which made the put and the get slower than the work they
+    carried. So arrays under ``PACK_BELOW`` bytes are packed into one flat buffer per dtype, and the
+    index (names, dtypes, offsets, shapes) is pickled into one bytes object up front. Larger arrays
+    and non-array values ride as they are (packing them would only add a copy). :meth:`tensors`
+    gives a client's values back, packed arrays as read-only views.
     """
 
     PACK_BELOW = 1 << 16
@@ -123,7 +126,8 @@ class _UploadBatch:
     def __init__(self, uploads: dict[int, dict[str, Any]]) -> None:
         parts: dict[str, list[np.ndarray]] = {}
         used: dict[str, int] = {}
-        self.index: dict[int, list[tuple]] = {}
+        index: dict[int, list[tuple]] = {}
+        self.loose: dict[int, dict[str, Any]] = {}
         for cid, tensors in uploads.items():
             entries = []
             for k, v in tensors.items():
@@ -133,13 +137,28 @@ class _UploadBatch:
                     parts.setdefault(dt, []).append(v.ravel())
                     used[dt] = used.get(dt, 0) + v.size
                 else:
-                    entries.append((k, None, v, None))
-            self.index[cid] = entries
+                    entries.append((k, None, 0, None))
+                    self.loose.setdefault(cid, {})[k] = v
+            index[cid] = entries
         self.packed = {dt: np.concatenate(p) for dt, p in parts.items()}
+        self.index = pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
+        self._index: Optional[dict[int, list[tuple]]] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_index": None}
+
+    def client_ids(self) -> list[int]:
+        return list(self._entries())
 
     def tensors(self, client_id: int) -> dict[str, Any]:
-        return {k: v if dt is None else self.packed[dt][v:v + math.prod(shape)].reshape(shape)
-                for k, dt, v, shape in self.index[client_id]}
+        loose = self.loose.get(client_id, {})
+        return {k: loose[k] if dt is None else self.packed[dt][off:off + math.prod(shape)].reshape(shape)
+                for k, dt, off, shape in self._entries()[client_id]}
+
+    def _entries(self) -> dict[int, list[tuple]]:
+        if self._index is None:
+            self._index = pickle.loads(self.index)
+        return self._index
 
 
 def _pull(items: list[tuple[ClientUpdate, ray.ObjectRef]]) -> Iterator[ClientUpdate]:
