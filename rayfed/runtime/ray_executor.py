@@ -47,6 +47,9 @@ def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[b
     init_kwargs.setdefault("log_to_driver", True)
     init_kwargs.setdefault("include_dashboard", False)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts workers at niceness 15; client actors do the training, so they should not yield
+    # to the driver (matters on a busy machine). Only for a Ray this call starts.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address=address, **init_kwargs)
     try:
         yield True
