@@ -207,7 +207,8 @@ class Federation:
         cfg, ex = self.config, self.executor
         alg = cfg.algorithm.name
         held = self.algorithm.holdout_clients(list(ds.client_ids), cfg.seed)  # never trained; personalized at the end
-        ids = [c for c in ds.client_ids if c not in set(held)]
+        held_set = set(held)
+        ids = [c for c in ds.client_ids if c not in held_set]
         k = cfg.clients_per_round()
         rows: list[dict] = []
         failures: list[ClientError] = []
@@ -277,13 +278,13 @@ class Federation:
                 add(cfg.rounds, e["client_id"], "final", e)
             final = eval_summary(evals)
             add(cfg.rounds, -1, "final", final)
+        server_state = ex.server_state()  # one fetch: for FedTP on Ray it carries the hypernetwork
         if held:
-            final.update(self._personalize_holdout(ds, held, ex.server_state(), add))
+            final.update(self._personalize_holdout(ds, held, server_state, add))
         elapsed = time.perf_counter() - t_start
 
         metrics = pd.DataFrame(rows, columns=["algorithm", "round", "client_id", "stage", "metric", "value"])
         received = ex.received_names()
-        server_state = ex.server_state()
         if run_dir is not None and cfg.output.save_final:
             ex.save(run_dir / "checkpoints" / "final")
         summary = self._summary(metrics, final, elapsed, failures, run_dir)

@@ -46,7 +46,15 @@ from typing import Any, Optional, Union
 import numpy as np
 import yaml
 
-from rayfed.config import FederationConfig, _set, apply_overrides, dump_config, from_dict, to_dict
+from rayfed.config import (
+    FederationConfig,
+    _set,
+    apply_overrides,
+    dump_config,
+    from_dict,
+    read_config_file,
+    to_dict,
+)
 from rayfed.errors import ConfigError
 
 __all__ = [
@@ -185,17 +193,10 @@ def _base_data(base_config: Union[FederationConfig, Mapping, str, Path, None]) -
     if base_config is None:  # the built-in experiment, evaluated every round so schedulers can compare
         from rayfed.cli import _default_config_path
 
-        data = yaml.safe_load(_default_config_path().read_text()) or {}
+        data = read_config_file(_default_config_path())
         data["eval_every"] = 1
         return data
-    p = Path(base_config)
-    if not p.exists():
-        raise ConfigError(f"base config {str(base_config)!r} does not exist; pass an existing YAML file "
-                          "(or none for the built-in digits experiment)")
-    try:
-        return yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"base config {str(base_config)!r} is not valid YAML: {e}") from e
+    return read_config_file(base_config)
 
 
 def _num(key: str, v: Any, what: str = "a number") -> float:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 from rayfed.config import FederationConfig
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, ServerCore, client_seed
-from rayfed.runtime.executor import Executor, LocalExecutor, assign_clients, make_executor
+from rayfed.runtime.executor import Executor, LocalExecutor, make_executor
+from rayfed.runtime.placement import assign_clients
 
 __all__ = [
     "ClientActor",

@@ -30,14 +30,6 @@ def _error(f: ClientFailure) -> ClientError:
     return ClientError(f.client_id, f.round, f.stage, f.detail)
 
 
-def assign_clients(client_ids: Sequence[int], num_actors: int) -> list[list[int]]:
-    """Client ``i`` goes to actor ``i mod num_actors`` (balanced, stable)."""
-    groups: list[list[int]] = [[] for _ in range(num_actors)]
-    for i, cid in enumerate(sorted(client_ids)):
-        groups[i % num_actors].append(cid)
-    return groups
-
-
 class Executor:
     """Shared round logic; subclasses move the data."""
 

@@ -57,7 +57,8 @@ class Plan:
     server_bundle_index: Optional[int] = None
 
 
-def _balanced(client_ids: Sequence[int], n: int) -> list[list[int]]:
+def assign_clients(client_ids: Sequence[int], n: int) -> list[list[int]]:
+    """Client ``i`` (in id order) goes to group ``i mod n``: balanced and stable."""
     groups: list[list[int]] = [[] for _ in range(n)]
     for i, cid in enumerate(sorted(client_ids)):
         groups[i % n].append(cid)
@@ -83,12 +84,12 @@ def actor_groups(cfg: FederationConfig, client_ids: Sequence[int], unpinned_acto
             raise ConfigError(f"config key 'runtime.sites.{site}': clients {missing} do not exist; the data has "
                               f"clients 0..{max(known) if known else -1}")
         pinned.update(ids)
-        for g in _balanced(ids, min(rt.actors_per_site, len(ids))):
+        for g in assign_clients(ids, min(rt.actors_per_site, len(ids))):
             plans.append(ActorPlan(g, num_gpus=rt.num_gpus_per_actor,
                                    resources={**rt.resources_per_actor, site: SITE_RESOURCE_AMOUNT}, site=site))
     rest = [c for c in client_ids if c not in pinned]
     if rest:
-        for g in _balanced(rest, max(1, min(unpinned_actors, len(rest)))):
+        for g in assign_clients(rest, max(1, min(unpinned_actors, len(rest)))):
             plans.append(ActorPlan(g, num_gpus=rt.num_gpus_per_actor, resources=dict(rt.resources_per_actor)))
     return plans
 

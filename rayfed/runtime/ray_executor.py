@@ -284,14 +284,6 @@ def _acquire(remote_cls, key: Optional[tuple], options: dict, *args: Any, **kwar
     return handle if handle is not None else remote_cls.options(**options).remote(*args, **kwargs)
 
 
-def plan_resources(cfg: FederationConfig, cluster_cpus: float, num_clients: int) -> tuple[int, float]:
-    """Number of client actors and CPUs per actor: by default one actor per cluster CPU (at most
-    one per client), sharing what the server leaves.
-    """
-    plan = plan_for_cluster(cfg, list(range(num_clients)), cluster_cpus)
-    return len(plan.actors), plan.actors[0].num_cpus
-
-
 class RayExecutor(Executor):
     """Server and client actors on the Ray cluster this process is connected to."""
 
