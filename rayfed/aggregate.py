@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "PackedTensors",
     "ROBUST_RULES",
     "StreamingMean",
     "bucketing",
@@ -144,6 +145,53 @@ def weighted_mean(
     return (acc / sum(w)).astype(_out_dtype(*(a.dtype for a in arrs)), copy=False)
 
 
+class PackedTensors(Mapping):
+    """Named arrays stored back to back in one flat buffer: a read-only mapping of views into it.
+
+    A client's upload arrives this way from a Ray client actor (one buffer per round and actor, not
+    one per tensor). :class:`StreamingMean` adds a packed update with one vector operation instead
+    of one per tensor when its layout matches the updates before it.
+
+    Args:
+        flat: 1-D array holding every tensor, in layout order.
+        layout: ``(name, offset, shape)`` per tensor, offsets in elements of ``flat``.
+
+    Example:
+        >>> p = PackedTensors(np.arange(5.0), (("w", 0, (2, 2)), ("b", 4, (1,))))
+        >>> p["b"], list(p)
+        (array([4.]), ['w', 'b'])
+    """
+
+    __slots__ = ("flat", "layout", "_views")
+
+    def __init__(self, flat: np.ndarray, layout: tuple[tuple[str, int, tuple[int, ...]], ...]) -> None:
+        self.flat = flat
+        self.layout = layout
+        self._views: dict[str, np.ndarray] | None = None
+
+    def _map(self) -> dict[str, np.ndarray]:
+        if self._views is None:
+            self._views = {k: self.flat[o:o + math.prod(shape)].reshape(shape) for k, o, shape in self.layout}
+        return self._views
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._map()[key]
+
+    def __iter__(self):
+        return (k for k, _, _ in self.layout)
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the tensors (the buffer holds nothing else)."""
+        return int(self.flat.nbytes)
+
+
 class StreamingMean:
     """Streaming weighted per-key holder mean over dict updates, in O(model) memory.
 
@@ -172,6 +220,36 @@ class StreamingMean:
         self._sums: dict[str, np.ndarray] = {}
         self._weights: dict[str, float] = {}
         self._dtypes: dict[str, np.dtype] = {}
+        # while every update is a PackedTensors of one layout and dtype: one flat float64 sum
+        self._flat: tuple[np.ndarray, tuple, np.dtype, float] | None = None
+
+    def _add_flat(self, tensors: PackedTensors, w: float) -> bool:
+        """Add a packed update as one vector (the same float64 operations, element by element, as
+        the per-key path); False when it cannot (another layout, or per-key sums exist).
+        """
+        if self._sums:
+            return False
+        if self._flat is None:
+            if self.count:
+                return False
+            self._flat = (np.zeros(tensors.flat.shape, np.float64), tensors.layout, tensors.flat.dtype, 0.0)
+        acc, layout, dtype, total = self._flat
+        if tensors.layout != layout or tensors.flat.dtype != dtype:
+            return False
+        acc += w * tensors.flat.astype(np.float64, copy=False)
+        self._flat = (acc, layout, dtype, total + w)
+        return True
+
+    def _unflatten(self) -> None:
+        """Move the flat sum into per-key sums (before an update the flat path cannot take)."""
+        if self._flat is None:
+            return
+        acc, layout, dtype, total = self._flat
+        self._flat = None
+        for k, o, shape in layout:
+            self._sums[k] = acc[o:o + math.prod(shape)].reshape(shape)
+            self._weights[k] = total
+            self._dtypes[k] = dtype
 
     def add(self, tensors: Mapping[str, np.ndarray], weight: float = 1.0) -> None:
         """Add one update with the given weight.
@@ -185,6 +263,11 @@ class StreamingMean:
                 message names the key and both shapes). Nothing is added when it raises.
         """
         w = _check_weight(weight)
+        if isinstance(tensors, PackedTensors) and self._add_flat(tensors, w):
+            self.count += 1
+            self.total_weight += w
+            return
+        self._unflatten()
         arrays = {k: np.asarray(v) for k, v in tensors.items()}
         for k, a in arrays.items():  # validate everything before mutating any state
             if k in self._sums and self._sums[k].shape != a.shape:
@@ -211,6 +294,7 @@ class StreamingMean:
         Raises:
             ValueError: a key's holders all had weight 0 (the message names the keys).
         """
+        self._unflatten()
         empty = [k for k, w in self._weights.items() if not w > 0]
         if empty:
             raise ValueError(

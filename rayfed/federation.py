@@ -27,6 +27,7 @@ from rayfed.config import FederationConfig, dump_config, from_dict, load_config,
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.errors import ClientError, ConfigError
 from rayfed.models import build_model
+from rayfed.sampling import sample_clients
 
 __all__ = ["ComparisonResult", "Federation", "FederationResult", "run_comparison", "sample_clients"]
 
@@ -35,14 +36,6 @@ log = logging.getLogger("rayfed")
 ConfigLike = Union[FederationConfig, Mapping[str, Any], str, Path, None]
 ModelFactory = Callable[[DatasetInfo], Any]
 RoundCallback = Callable[[int, dict], None]
-
-
-def sample_clients(client_ids: Sequence[int], k: int, seed: int, round: int) -> list[int]:
-    """The clients sampled in ``round``: seeded by (seed, round) only, so any executor agrees."""
-    if k >= len(client_ids):
-        return sorted(client_ids)
-    rng = np.random.default_rng([seed, round, 7])
-    return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=k, replace=False))
 
 
 def _coerce(config: ConfigLike) -> FederationConfig:

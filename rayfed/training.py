@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from rayfed.config import TrainConfig
 from rayfed.models import forward_logits
+from rayfed.models.views import named_params, set_mode
 
 __all__ = ["batches", "evaluate", "make_optimizer", "only_trainable", "task_loss", "train_epochs"]
 
@@ -54,7 +55,7 @@ def only_trainable(model: torch.nn.Module, names: Iterable[str]):
     """Within the block only parameters in ``names`` require grad (others are skipped by backward)."""
     names = set(names)
     # one walk over the modules, and requires_grad_ only where it changes (both cost per client)
-    saved = [(n, p, p.requires_grad) for n, p in model.named_parameters()]
+    saved = [(n, p, p.requires_grad) for n, p in named_params(model)]
     try:
         for n, p, was in saved:
             if was and n not in names:
@@ -100,7 +101,7 @@ def train_epochs(
         total = min(total, max_steps)
     if total <= 0 or len(yt) == 0:
         return {"train_loss": float("nan"), "steps": 0}
-    model.train()
+    set_mode(model, True)
     loss_sum, steps = 0.0, 0
     with only_trainable(model, names) as params:
         if not params:
@@ -128,7 +129,7 @@ def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, device: to
 
     For regression (float targets) only the mean squared error (``loss``) and the sample count.
     """
-    model.eval()
+    set_mode(model, False)
     xt, yt = to_tensors(x, y, device)
     regression = torch.is_floating_point(yt)
     correct, loss_sum = 0, 0.0

@@ -23,6 +23,7 @@ import torch
 from rayfed.aggregate import StreamingMean
 from rayfed.config import AlgorithmConfig, TrainConfig
 from rayfed.data.info import ClientData
+from rayfed.models.views import tensors
 from rayfed.roles import Role, RoleMap, assign_roles
 
 __all__ = [
@@ -81,7 +82,8 @@ class ClientUpdate:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(v.nbytes for v in self.tensors.values()))
+        packed = getattr(self.tensors, "nbytes", None)  # PackedTensors: one buffer
+        return int(packed) if packed is not None else int(sum(v.nbytes for v in self.tensors.values()))
 
 
 @dataclass
@@ -102,7 +104,12 @@ class ClientContext:
 
 
 class Aggregator(Protocol):
-    """Consumes client updates one at a time (streaming) and produces the next server state."""
+    """Consumes client updates one at a time (streaming) and produces the next server state.
+
+    ``add`` must leave the server state untouched (accumulate only); ``finish`` makes the new state.
+    The runtime streams a round's updates in as they arrive and may abandon the round before
+    ``finish`` (a lost quorum), so that rule keeps an abandoned round from leaving a trace.
+    """
 
     def add(self, update: ClientUpdate) -> None: ...
 
@@ -122,8 +129,10 @@ class MeanAggregator:
         self.mean = StreamingMean()
 
     def add(self, update: ClientUpdate) -> None:
-        self.mean.add({k: v for k, v in update.tensors.items() if not k.startswith(AUX)},
-                      float(update.num_samples))
+        t = update.tensors
+        if any(k.startswith(AUX) for k in t):  # else as is: a packed upload keeps its fast path
+            t = {k: v for k, v in t.items() if not k.startswith(AUX)}
+        self.mean.add(t, float(update.num_samples))
 
     def finish(self) -> ServerState:
         s = self.state
@@ -180,7 +189,7 @@ class Algorithm:
     # -- server --------------------------------------------------------------------------------
     def init_server(self, model: torch.nn.Module, roles: RoleMap, client_sizes: Mapping[int, int],
                     seed: int) -> ServerState:
-        sd = model.state_dict()
+        sd = tensors(model)
         keys = roles.names(Role.SHARED, Role.MASKED, Role.TIERED)
         return ServerState({k: to_numpy(sd[k]) for k in keys},
                            {"client_sizes": dict(client_sizes)}, 0)
@@ -201,14 +210,14 @@ class Algorithm:
     # -- client --------------------------------------------------------------------------------
     def init_client(self, client_id: int, model: torch.nn.Module, roles: RoleMap) -> ClientState:
         """A new client's state: its private tensors start from the common initial model."""
-        sd = model.state_dict()
+        sd = tensors(model)
         return ClientState(client_id, {k: sd[k].detach().clone() for k in roles.names(Role.PRIVATE)})
 
     def load_client_model(self, model: torch.nn.Module, roles: RoleMap,
                           broadcast: Mapping[str, np.ndarray], payload: Mapping[str, np.ndarray],
                           state: ClientState) -> None:
         """Write server tensors, then per-client tensors, then private state into ``model``."""
-        sd = model.state_dict()
+        sd = tensors(model)
         with torch.no_grad():
             for src in (broadcast, payload):
                 for k, v in src.items():
@@ -232,7 +241,7 @@ class Algorithm:
         return self.upload(ctx), metrics
 
     def upload(self, ctx: ClientContext) -> dict[str, np.ndarray]:
-        sd = ctx.model.state_dict()
+        sd = tensors(ctx.model)
         return {k: to_numpy(sd[k]) for k in ctx.roles.names(Role.SHARED, Role.MASKED, Role.TIERED)}
 
     def save_client_state(self, ctx: ClientContext) -> None:
@@ -240,7 +249,7 @@ class Algorithm:
         names = ctx.roles.names(Role.PRIVATE)
         if not names:  # nothing private (e.g. FedAvg): skip the state_dict() walk
             return
-        sd = ctx.model.state_dict()
+        sd = tensors(ctx.model)
         for k in names:
             ctx.state.private[k] = sd[k].detach().clone()
 

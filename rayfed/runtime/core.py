@@ -25,6 +25,7 @@ from rayfed.algorithms.base import AUX, UPLOADABLE, Algorithm, ClientContext, Cl
 from rayfed.config import FederationConfig
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.models import build_model
+from rayfed.models.views import tensors
 from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
 from rayfed.roles import Role, RoleMap
 
@@ -102,7 +103,7 @@ class ClientCohort:
         keys = list(self._initial if keys is None else keys)
         if not keys:  # e.g. FedAvg: the broadcast covers every tensor (skip a state_dict() walk)
             return
-        sd = self.model.state_dict()
+        sd = tensors(self.model)
         with torch.no_grad():
             for k in keys:
                 sd[k].copy_(self._initial[k])
@@ -264,8 +265,14 @@ class ServerCore:
         self._payload_seconds = time.perf_counter() - t0  # reported by the next aggregate
         return out
 
-    def aggregate(self, round: int, updates: Iterable[ClientUpdate]) -> dict[str, float]:
-        """Feed updates one at a time (the caller may stream them) and step the server state."""
+    def aggregate(self, round: int, updates: Iterable[ClientUpdate],
+                  commit: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+        """Feed updates one at a time (the caller may stream them) and step the server state.
+
+        ``commit``, when given, is asked after the last update whether the round stands (e.g. the
+        quorum held while updates streamed in); when it says no, the server state is left as it was
+        (aggregators only change it in ``finish``) and the result has ``committed=0``.
+        """
         t0 = time.perf_counter()
         agg = self.algorithm.aggregator(self.state, round)
         if self.cfg.aggregation.robust:  # buffer, then a robust consensus of the shared tensors
@@ -279,6 +286,8 @@ class ServerCore:
             self.bytes_received += upd.nbytes
             agg.add(upd)
             n += 1
+        if commit is not None and not commit():
+            return {"aggregated": n, "committed": 0, "aggregate_seconds": time.perf_counter() - t0}
         self.state = agg.finish()
         out = {"aggregated": n, "aggregate_seconds": time.perf_counter() - t0,
                "payload_seconds": self._payload_seconds}

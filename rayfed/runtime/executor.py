@@ -21,13 +21,24 @@ from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
 
-__all__ = ["Executor", "LocalExecutor", "make_executor"]
+__all__ = ["Executor", "LocalExecutor", "make_executor", "round_survives"]
 
 log = logging.getLogger("rayfed")
 
 
 def _error(f: ClientFailure) -> ClientError:
     return ClientError(f.client_id, f.round, f.stage, f.detail)
+
+
+def round_survives(cfg: FederationConfig, num_sampled: int, num_failed: int) -> bool:
+    """Whether a round with ``num_failed`` of ``num_sampled`` clients failed may go on (be aggregated)
+    under ``runtime.on_client_failure`` and ``runtime.min_quorum``.
+    """
+    if num_failed == 0:
+        return True
+    if cfg.runtime.on_client_failure == "raise":
+        return False
+    return num_sampled - num_failed >= math.ceil(cfg.runtime.min_quorum * num_sampled)
 
 
 class Executor:
@@ -50,7 +61,7 @@ class Executor:
         if self.cfg.runtime.on_client_failure == "raise":
             raise failures[0]
         needed = math.ceil(self.cfg.runtime.min_quorum * len(sampled))
-        if len(sampled) - len(failures) < needed:
+        if not round_survives(self.cfg, len(sampled), len(failures)):
             first = failures[0]
             raise ClientError(first.client_id, first.round, first.stage,
                               f"{first.detail}\n{len(failures)} of {len(sampled)} clients failed in {stage}; "

@@ -53,4 +53,5 @@ class RayAsyncBackend:
         return meta, (meta, ref)
 
     def apply(self, round: int, handles: list[Any], scales: list[float]) -> dict[str, float]:
+        self.ex.forget_broadcast()
         return ray.get(self.ex.server.apply_async.remote(round, handles, scales))

@@ -1,10 +1,17 @@
 """The Ray executor: a server actor and client actors that each host a cohort of clients.
 
-Per round the server's broadcast goes into the object store once (numpy arrays: zero-copy reads in
-every actor of a node); each client actor trains its sampled clients and puts their uploads in the
-object store as one object; the driver sees only small metadata and hands the upload references, in
-client order, to the server, which pulls each object once (zero-copy) and aggregates the clients one
-at a time (O(model) heap memory).
+A training round is one pipeline with a single wait on the driver:
+
+- the shared weights for the round are already in the object store (the previous round's
+  aggregation returned them as a second value, so no broadcast call sits on the critical path);
+  numpy arrays, read zero-copy by every actor of a node;
+- each client actor trains its sampled clients in a few chunks (one call each, queued back to back),
+  and returns each chunk's uploads as one packed object (:class:`_UploadBatch`);
+- the server's ``train_round`` call starts at once with the chunks' references and pulls each chunk
+  as it is ready, aggregating client by client (in client order, so any actor layout gives the same
+  floats) while the actors train the next chunk; O(model) heap memory;
+- the server checks the failure policy before it commits the new state, and returns the round's
+  metrics and failures plus the next broadcast.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,13 +30,15 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from rayfed.aggregate import PackedTensors
 from rayfed.algorithms.base import Algorithm, ClientUpdate
 from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
-from rayfed.runtime.executor import Executor, _update_row
-from rayfed.runtime.placement import plan_for_bundles, plan_for_cluster
+from rayfed.runtime.executor import Executor, _update_row, round_survives
+from rayfed.runtime.placement import Workload, plan_for_bundles, plan_for_cluster
+from rayfed.sampling import client_cost, sampling_schedule
 
 __all__ = ["ClientActor", "RayExecutor", "ServerActor", "ray_session", "warm_actors"]
 
@@ -76,15 +86,16 @@ class ClientActor:
         """Drop the cohort (back to a warm, empty process for the next federation)."""
         self.cohort = None
 
-    def train(self, round: int, client_ids: list[int], broadcast, payloads) -> list:
+    def train(self, round: int, client_ids: list[int], broadcast, payloads) -> tuple[list, Optional[_UploadBatch]]:
+        """Train a chunk of this actor's clients: their metadata (or failures) and one packed batch of
+        their uploads, returned as one object that the server pulls (the driver never fetches it).
+        One object per chunk, not per client: each object costs a store round trip whatever its size.
+        """
         results = self.cohort.train(round, client_ids, broadcast, payloads)
-        # tensors go to the object store; the driver only sees metadata and a reference. One put per
-        # actor per round, not per client: a put is an IPC round trip to the store (~0.5-1 ms)
-        # whatever its size; the server pulls the batch once and streams its clients out of it
         ok = [r for r in results if not isinstance(r, ClientFailure)]
-        ref = ray.put(_UploadBatch({r.client_id: r.tensors for r in ok})) if ok else None
+        batch = _UploadBatch({r.client_id: r.tensors for r in ok}) if ok else None
         return [r if isinstance(r, ClientFailure)
-                else (ClientUpdate(r.client_id, r.round, r.num_samples, {}, r.metrics), ref) for r in results]
+                else ClientUpdate(r.client_id, r.round, r.num_samples, {}, r.metrics) for r in results], batch
 
     def train_async(self, round: int, client_id: int, broadcast, payloads, nonce: int):
         """One client's asynchronous update (:meth:`ClientCohort.train_async`): metadata plus a reference."""
@@ -153,10 +164,19 @@ class _UploadBatch:
     def client_ids(self) -> list[int]:
         return list(self._entries())
 
-    def tensors(self, client_id: int) -> dict[str, Any]:
+    def tensors(self, client_id: int) -> Mapping[str, Any]:
+        """A client's uploads: a :class:`~rayfed.aggregate.PackedTensors` over its stretch of the
+        packed buffer when all of it is packed in one dtype (the usual case), else a dict.
+        """
+        entries = self._entries()[client_id]
+        if entries and client_id not in self.loose and len({dt for _, dt, _, _ in entries}) == 1:
+            dt, start = entries[0][1], entries[0][2]
+            end = entries[-1][2] + math.prod(entries[-1][3])
+            return PackedTensors(self.packed[dt][start:end], tuple((k, off - start, shape)
+                                                                   for k, _, off, shape in entries))
         loose = self.loose.get(client_id, {})
         return {k: loose[k] if dt is None else self.packed[dt][off:off + math.prod(shape)].reshape(shape)
-                for k, dt, off, shape in self._entries()[client_id]}
+                for k, dt, off, shape in entries}
 
     def _entries(self) -> dict[int, list[tuple]]:
         if self._index is None:
@@ -164,22 +184,59 @@ class _UploadBatch:
         return self._index
 
 
-def _pull(items: list[tuple[ClientUpdate, ray.ObjectRef]]) -> Iterator[ClientUpdate]:
-    """The updates behind ``(metadata, reference)`` items, in item order, each object fetched once.
+class _ChunkStream:
+    """A round's updates in client order, pulled from the client actors' chunks as they are ready.
 
-    A reference is one client's tensors or an actor's :class:`_UploadBatch`. Numpy arrays come out
-    of the object store zero-copy (read-only views of shared memory), so the heap holds one
-    client's converted tensors at a time, whatever the number of clients.
+    ``chunks`` are ``(client_ids, reference)`` pairs (:meth:`ClientActor.train` results). Each chunk
+    is fetched once, when its first client is due, and dropped after its last; numpy arrays come out
+    of the object store zero-copy, so the heap holds about one client's converted tensors at a time.
+    A chunk whose call failed (actor died, deadline passed) fails each of its clients, naming them.
+    Metadata of the updates and the failures are collected for the driver.
     """
-    batches: dict[ray.ObjectRef, _UploadBatch] = {}
-    for meta, ref in items:
-        obj = batches.get(ref)
-        if obj is None:
-            obj = ray.get(ref)
-            if isinstance(obj, _UploadBatch):
-                batches[ref] = obj
-        tensors = obj.tensors(meta.client_id) if isinstance(obj, _UploadBatch) else obj
-        yield ClientUpdate(meta.client_id, meta.round, meta.num_samples, tensors, meta.metrics)
+
+    def __init__(self, round: int, chunks: list[tuple[list[int], ray.ObjectRef]], timeout_s: Optional[float]):
+        self.round = round
+        self.chunks = chunks
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.metas: list[ClientUpdate] = []
+        self.failures: list[ClientFailure] = []
+        self.wait_seconds = 0.0  # blocked on chunks still training (not aggregation work)
+
+    def _fetch(self, i: int) -> tuple[dict[int, Any], Optional[_UploadBatch]]:
+        ids, ref = self.chunks[i]
+        t0 = time.perf_counter()
+        try:
+            wait = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            results, batch = ray.get(ref, timeout=wait)
+        except GetTimeoutError:
+            detail = f"not done within runtime.round_timeout_s={self.timeout_s}"
+            return {c: ClientFailure(c, self.round, "timeout", detail) for c in ids}, None
+        except RayError as e:  # the actor died, or the call failed outside the clients' own code
+            detail = _cause(e)
+            return {c: ClientFailure(c, self.round, "train", detail) for c in ids}, None
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+        return {r.client_id: r for r in results}, batch
+
+    def __iter__(self) -> Iterator[ClientUpdate]:
+        where = {c: i for i, (ids, _) in enumerate(self.chunks) for c in ids}
+        left = [len(ids) for ids, _ in self.chunks]
+        held: dict[int, tuple[dict[int, Any], Optional[_UploadBatch]]] = {}
+        for c in sorted(where):
+            i = where[c]
+            if i not in held:
+                held[i] = self._fetch(i)
+            results, batch = held[i]
+            r = results[c]
+            left[i] -= 1
+            if left[i] == 0:
+                del held[i]
+            if isinstance(r, ClientFailure):
+                self.failures.append(r)
+                continue
+            self.metas.append(r)
+            yield ClientUpdate(r.client_id, r.round, r.num_samples, batch.tensors(c), r.metrics)
 
 
 class ServerActor:
@@ -191,9 +248,11 @@ class ServerActor:
         torch.set_num_threads(threads)
         self.core: Optional[ServerCore] = None
 
-    def setup(self, *args: Any) -> None:
+    def setup(self, *args: Any) -> int:
+        """Build the server state; returns the bytes of the first broadcast (an upload-size estimate)."""
         self.core = None
         self.core = ServerCore(*args)
+        return int(sum(getattr(v, "nbytes", 0) for v in self.core.broadcast(0).values()))
 
     def teardown(self) -> None:
         self.core = None
@@ -206,8 +265,23 @@ class ServerActor:
         out = [{c: per[c] for c in g if c in per} for g in groups]
         return out if len(groups) > 1 else out[0]
 
-    def aggregate(self, round: int, items: list[tuple[ClientUpdate, ray.ObjectRef]]) -> dict:
-        return self.core.aggregate(round, _pull(items))
+    def train_round(self, round: int, chunks: list[tuple[list[int], ray.ObjectRef]], num_sampled: int,
+                    timeout_s: Optional[float]) -> tuple[dict, dict]:
+        """Aggregate a round as its chunks arrive; commit unless the failure policy says otherwise.
+
+        ``chunks`` holds references nested in a list, so this call starts at once and overlaps the
+        aggregation of early chunks with the training of later ones. Returns ``(report, broadcast)``:
+        the report holds the updates' metadata, the failures and the server metrics; the broadcast
+        is the next round's (called with ``num_returns=2``, it goes straight to the object store).
+        """
+        stream = _ChunkStream(round, chunks, timeout_s)
+        server = self.core.aggregate(
+            round, stream, commit=lambda: round_survives(self.core.cfg, num_sampled, len(stream.failures)))
+        # aggregate_seconds: the server's own work, without the time it waited for chunks to train
+        server["aggregate_seconds"] = max(0.0, server["aggregate_seconds"] - stream.wait_seconds)
+        server["wait_seconds"] = stream.wait_seconds
+        report = {"metas": stream.metas, "failures": stream.failures, "server": server}
+        return report, self.core.broadcast(round + 1)
 
     def apply_async(self, round: int, items: list[tuple[ClientUpdate, ray.ObjectRef]], scales: list[float]) -> dict:
         """Apply asynchronous updates (:meth:`ServerCore.apply_async`), pulling one at a time."""
@@ -295,14 +369,22 @@ class RayExecutor(Executor):
         self.cfg = cfg
         # the base hook sends nothing: skip that server call (it sits on every round's critical path)
         self._has_payloads = type(algorithm).payloads is not Algorithm.payloads
+        # the base broadcast is the server weights whatever the round: one object serves every call
+        # until the state changes (train_round returns the next one)
+        self._broadcast_any_round = type(algorithm).broadcast is Algorithm.broadcast
+        self._bcast: Optional[tuple[int, ray.ObjectRef]] = None
+        self._bytes_per_client = 0.0  # largest upload of a client in the last round
+        self._agg_per_client = 0.0  # the server's aggregation seconds per client in the last round
         rt = cfg.runtime
         ids = list(dataset.client_ids)
+        work = _workload(cfg, algorithm, dataset)
         if placement_group is not None:  # a Tune trial's group: bundle 0 hosts the trial itself
             current = ray.util.get_current_placement_group()
             plan = plan_for_bundles(cfg, ids, placement_group.bundle_specs,
-                                    first_is_taken=current is not None and current.id == placement_group.id)
+                                    first_is_taken=current is not None and current.id == placement_group.id,
+                                    work=work)
         else:
-            plan = plan_for_cluster(cfg, ids, float(ray.cluster_resources().get("CPU", 1.0)))
+            plan = plan_for_cluster(cfg, ids, float(ray.cluster_resources().get("CPU", 1.0)), work)
         self.plan = plan
         self.num_actors = len(plan.actors)
         self.cpus_per_actor = min(a.num_cpus for a in plan.actors)
@@ -346,7 +428,7 @@ class RayExecutor(Executor):
                 self.close(reuse=False)
                 raise ClientError(self.groups[i][0], -1, "setup", _cause(e)) from e
         try:
-            ray.get(server_ready)
+            self._bytes_per_client = float(ray.get(server_ready))
         except RayError as e:
             self.close(reuse=False)
             raise RuntimeError(f"the server actor failed to start: {_cause(e)}") from e
@@ -358,8 +440,39 @@ class RayExecutor(Executor):
             per.setdefault(self.owner[c], []).append(c)
         return sorted(per.items())
 
-    def _payload_refs(self, round: int, parts: list[tuple[int, list[int]]]):
+    def _broadcast_ref(self, round: int) -> ray.ObjectRef:
+        if self._bcast is not None and (self._broadcast_any_round or self._bcast[0] == round):
+            return self._bcast[1]
         b = self.server.broadcast.remote(round)
+        self._bcast = (round, b)
+        return b
+
+    def forget_broadcast(self) -> None:
+        """The server state changed outside :meth:`train_round` (asynchronous updates, a restore)."""
+        self._bcast = None
+
+    def _chunks(self, ids: list[int]) -> list[list[int]]:
+        """An actor's clients of a round, split into training calls.
+
+        Each extra call costs the actor a few milliseconds (return, store, next dispatch), and
+        what a split buys is the server aggregating the early clients while the actor trains the
+        last ones. So, from the previous round's measurements: one call unless aggregating the
+        clients would take the server longer than :data:`SPLIT_WORTH_S`; then the last clients
+        (about :data:`SPLIT_WORTH_S` of aggregation) go in a call of their own. Either way no call
+        returns more than :data:`CHUNK_BYTES` of uploads (before the first round: the size of the
+        broadcast), which bounds the object-store memory of a round.
+        """
+        per = len(ids)
+        if self._bytes_per_client:
+            per = max(1, int(CHUNK_BYTES // self._bytes_per_client))
+        split = len(ids)
+        if self._agg_per_client * len(ids) > SPLIT_WORTH_S:
+            split = len(ids) - max(1, int(SPLIT_WORTH_S // self._agg_per_client))
+        parts = [p for p in (ids[:split], ids[split:]) if p]
+        return [p[i:i + per] for p in parts for i in range(0, len(p), per)]
+
+    def _payload_refs(self, round: int, parts: list[tuple[int, list[int]]]):
+        b = self._broadcast_ref(round)
         groups = [ids for _, ids in parts]
         if not self._has_payloads:
             return b, [{}] * len(groups)
@@ -396,11 +509,25 @@ class RayExecutor(Executor):
 
     # -- rounds --------------------------------------------------------------------------------
     def train_round(self, round: int, client_ids: list[int]) -> RoundOutcome:
-        ok, failed = self._call("train", round, client_ids)
-        self._enforce(round, client_ids, failed, "train")
-        ok.sort(key=lambda item: item[0].client_id)
-        server = ray.get(self.server.aggregate.remote(round, ok))
-        return RoundOutcome([_update_row(meta) for meta, _ in ok], failed, server)
+        parts = self._by_actor(client_ids)
+        b, prefs = self._payload_refs(round, parts)
+        chunks = [(ids, self.actors[a].train.remote(round, ids, b, prefs[i]))
+                  for i, (a, group) in enumerate(parts) for ids in self._chunks(group)]
+        report_ref, next_b = self.server.train_round.options(num_returns=2).remote(
+            round, chunks, len(client_ids), self.cfg.runtime.round_timeout_s)
+        try:
+            report = ray.get(report_ref)
+        except RayError as e:
+            self._bcast = None
+            raise RuntimeError(f"the server actor failed in round {round} (stage aggregate): {_cause(e)}") from e
+        self._bcast = (round + 1, next_b)
+        metas: list[ClientUpdate] = report["metas"]
+        failed = [ClientError(f.client_id, f.round, f.stage, f.detail) for f in report["failures"]]
+        self._enforce(round, client_ids, failed, "train")  # the server did not commit if this raises
+        if metas:
+            self._bytes_per_client = max(m.metrics.get("bytes_up", 0) for m in metas)
+            self._agg_per_client = report["server"].get("aggregate_seconds", 0.0) / len(metas)
+        return RoundOutcome([_update_row(m) for m in metas], failed, report["server"])
 
     def evaluate(self, round: int, client_ids: list[int]):
         ok, failed = self._call("evaluate", round, client_ids)
@@ -418,6 +545,7 @@ class RayExecutor(Executor):
                 + [a.save_states.remote(str(directory / "clients")) for a in self.actors])
 
     def restore(self, directory: Path) -> int:
+        self.forget_broadcast()
         ray.get([a.load_states.remote(str(directory / "clients")) for a in self.actors])
         return ray.get(self.server.load.remote(str(directory / "server.pt")))
 
@@ -450,6 +578,26 @@ class RayExecutor(Executor):
                     ray.kill(a)
         self.actors = []
         self.server = None
+
+
+#: most bytes of uploads one training call of a client actor returns (see RayExecutor._chunks)
+CHUNK_BYTES = 256 * 1024 * 1024
+#: server aggregation time worth an extra training call per actor (see RayExecutor._chunks)
+SPLIT_WORTH_S = 0.02
+
+
+def _workload(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset) -> Optional[Workload]:
+    """The rounds' sampled clients and each client's local steps, for placement to balance; None when
+    there is nothing to balance (every client trains every round, or asynchronous dispatch).
+    """
+    held = set(algorithm.holdout_clients(list(dataset.client_ids), cfg.seed))
+    ids = [c for c in dataset.client_ids if c not in held]
+    k = cfg.clients_per_round()
+    if cfg.runtime.mode != "sync" or k >= len(ids):
+        return None
+    t = cfg.train
+    return Workload(sampling_schedule(ids, k, cfg.seed, cfg.rounds),
+                    client_cost(dataset.client_sizes(), t.batch_size, t.local_epochs, t.max_steps))
 
 
 def _cause(e: BaseException) -> str:

@@ -1,0 +1,45 @@
+"""Which clients train in which round: seeded by (seed, round) only, so every executor agrees.
+
+:func:`sample_clients` is what the round loop uses; :func:`sampling_schedule` lists its choices for
+the rounds of a config ahead of time, which the Ray executor uses to place clients on actors so that
+each round's work is spread evenly (:func:`rayfed.runtime.placement.balance_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["client_cost", "sample_clients", "sampling_schedule"]
+
+#: rounds of the schedule that placement looks at (sampling is fresh each round, so a plan over
+#: the first rounds says little more than a plan over the first thousand)
+SCHEDULE_ROUNDS = 1000
+
+
+def sample_clients(client_ids: Sequence[int], k: int, seed: int, round: int) -> list[int]:
+    """The clients sampled in ``round``: seeded by (seed, round) only, so any executor agrees."""
+    if k >= len(client_ids):
+        return sorted(client_ids)
+    rng = np.random.default_rng([seed, round, 7])
+    return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=k, replace=False))
+
+
+def sampling_schedule(client_ids: Sequence[int], k: int, seed: int, rounds: int,
+                      start: int = 0) -> list[list[int]]:
+    """The clients :func:`sample_clients` picks in rounds ``start .. start+rounds-1`` (at most
+    :data:`SCHEDULE_ROUNDS` of them).
+    """
+    return [sample_clients(client_ids, k, seed, r) for r in range(start, start + min(rounds, SCHEDULE_ROUNDS))]
+
+
+def client_cost(num_train: Mapping[int, int], batch_size: int, local_epochs: float,
+                max_steps: int | None = None) -> dict[int, float]:
+    """Local optimizer steps of each client per round: the unit of work that placement balances."""
+    out = {}
+    for cid, n in num_train.items():
+        steps = math.ceil(local_epochs * math.ceil(max(n, 1) / batch_size))
+        out[cid] = float(min(steps, max_steps) if max_steps is not None else steps)
+    return out
