@@ -14,9 +14,10 @@ import numpy as np
 
 __all__ = ["client_cost", "sample_clients", "sampling_schedule"]
 
-#: rounds of the schedule that placement looks at (sampling is fresh each round, so a plan over
-#: the first rounds says little more than a plan over the first thousand)
+#: rounds of the schedule that placement looks at: at most this many, and at most
+#: SCHEDULE_DRAWS / (number of clients) of them (each round's draw costs O(clients))
 SCHEDULE_ROUNDS = 1000
+SCHEDULE_DRAWS = 2_000_000
 
 
 def sample_clients(client_ids: Sequence[int], k: int, seed: int, round: int) -> list[int]:
@@ -29,10 +30,11 @@ def sample_clients(client_ids: Sequence[int], k: int, seed: int, round: int) -> 
 
 def sampling_schedule(client_ids: Sequence[int], k: int, seed: int, rounds: int,
                       start: int = 0) -> list[list[int]]:
-    """The clients :func:`sample_clients` picks in rounds ``start .. start+rounds-1`` (at most
-    :data:`SCHEDULE_ROUNDS` of them).
+    """The clients :func:`sample_clients` picks in rounds ``start .. start+rounds-1``, or in the first
+    of them: at most :data:`SCHEDULE_ROUNDS` rounds and :data:`SCHEDULE_DRAWS` clients drawn from.
     """
-    return [sample_clients(client_ids, k, seed, r) for r in range(start, start + min(rounds, SCHEDULE_ROUNDS))]
+    n = min(rounds, SCHEDULE_ROUNDS, max(1, SCHEDULE_DRAWS // max(1, len(client_ids))))
+    return [sample_clients(client_ids, k, seed, r) for r in range(start, start + n)]
 
 
 def client_cost(num_train: Mapping[int, int], batch_size: int, local_epochs: float,

@@ -30,14 +30,20 @@ def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "me
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, *,
                    lr: float | None = None) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg`` over ``params`` (``lr`` overrides ``cfg.lr``)."""
+    """The optimizer named by ``cfg`` over ``params`` (``lr`` overrides ``cfg.lr``).
+
+    Always the multi-tensor (``foreach``) implementation, which PyTorch picks by default only on
+    GPUs: on CPU it gives bitwise the same steps as the per-tensor loop (tested) and saves a few
+    tenths of a millisecond per step on a model of many small tensors, which is most of a client's
+    step on a small transformer.
+    """
     params = list(params)
     lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,

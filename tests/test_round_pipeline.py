@@ -4,6 +4,7 @@ round (streamed aggregation, split training calls, lost quorum, a client actor d
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -49,6 +50,22 @@ def test_balancing_weighs_clients_by_their_work_and_never_makes_rounds_worse():
     assert sorted(len(g) for g in groups) == [13, 13, 14]
     after, before = round_loads(groups, work), round_loads(assign_clients(ids, 3), work)
     assert after.max(axis=1).sum() < before.max(axis=1).sum()
+
+
+def test_full_participation_balances_the_clients_work():
+    cost = {0: 5.0, 1: 1.0, 2: 5.0, 3: 1.0, 4: 1.0, 5: 1.0}
+    work = Workload([list(range(6))], cost)
+    assert round_loads(assign_clients(range(6), 2), work).tolist() == [[11.0, 3.0]]
+    groups = balance_groups(range(6), 2, work)
+    assert [len(g) for g in groups] == [3, 3] and round_loads(groups, work).tolist() == [[7.0, 7.0]]
+
+
+def test_the_schedule_is_capped_by_rounds_and_by_draws(monkeypatch):
+    from rayfed import sampling
+
+    assert len(sampling_schedule(range(10), 2, 0, 5000)) == sampling.SCHEDULE_ROUNDS
+    monkeypatch.setattr(sampling, "SCHEDULE_DRAWS", 50)
+    assert len(sampling_schedule(range(10), 2, 0, 5000)) == 5
 
 
 def test_without_a_schedule_placement_is_round_robin():
@@ -248,3 +265,27 @@ def test_a_client_actor_dying_mid_round_fails_its_clients_by_name(ray_cluster):
         assert ex.server_state().round == 1  # the surviving half met the quorum and was aggregated
     finally:
         ex.close(reuse=False)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_multi_tensor_optimizers_step_bitwise_like_the_per_tensor_loop(name):
+    from rayfed.config import TrainConfig
+    from rayfed.training import make_optimizer
+
+    cfg = TrainConfig(optimizer=name, lr=0.01, momentum=0.9, weight_decay=0.01)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    base = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    models = [base, copy.deepcopy(base)]
+    opts = [make_optimizer(models[0].parameters(), cfg)]
+    cls = type(opts[0])
+    kw = {k: v for k, v in opts[0].defaults.items() if k != "decoupled_weight_decay" or cls is torch.optim.Adam}
+    opts.append(cls(models[1].parameters(), **{**kw, "foreach": False}))
+    assert opts[0].defaults["foreach"] is True
+    for _ in range(5):
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from rayfed.aggregate import StreamingMean
+from rayfed.aggregate import PackedTensors, StreamingMean
 from rayfed.config import AlgorithmConfig, TrainConfig
 from rayfed.data.info import ClientData
 from rayfed.models.views import tensors
@@ -49,6 +49,25 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.device.type == "cpu" and not (t.is_conj() or t.is_neg()):
         return t.numpy().copy()  # one copy, without .to()'s dispatch cost (this runs per tensor per client)
     return t.to("cpu", copy=True).numpy()
+
+
+def pack_numpy(named: Sequence[tuple[str, torch.Tensor]]) -> Mapping[str, np.ndarray]:
+    """Detached CPU copies of tensors: a :class:`~rayfed.aggregate.PackedTensors` over one new
+    buffer (one copy, one device transfer) when they share a dtype, else a dict of
+    :func:`to_numpy` copies. Never a view of live model memory.
+    """
+    if not named:
+        return {}
+    dtype = named[0][1].dtype
+    if len(named) == 1 or any(t.dtype != dtype or t.is_complex() for _, t in named):
+        return {k: to_numpy(t) for k, t in named}
+    with torch.no_grad():
+        flat = torch.cat([t.detach().reshape(-1) for _, t in named]).cpu().numpy()
+    layout, off = [], 0
+    for k, t in named:
+        layout.append((k, off, tuple(t.shape)))
+        off += t.numel()
+    return PackedTensors(flat, tuple(layout))
 
 
 @dataclass
@@ -240,9 +259,10 @@ class Algorithm:
                                ctx.data.y_train, ctx.train, generator=ctx.generator, device=ctx.device)
         return self.upload(ctx), metrics
 
-    def upload(self, ctx: ClientContext) -> dict[str, np.ndarray]:
+    def upload(self, ctx: ClientContext) -> Mapping[str, np.ndarray]:
+        """Copies of the shared (and masked, tiered) tensors: one buffer when they share a dtype."""
         sd = tensors(ctx.model)
-        return {k: to_numpy(sd[k]) for k in ctx.roles.names(Role.SHARED, Role.MASKED, Role.TIERED)}
+        return pack_numpy([(k, sd[k]) for k in ctx.roles.names(Role.SHARED, Role.MASKED, Role.TIERED)])
 
     def save_client_state(self, ctx: ClientContext) -> None:
         """After training: keep the private tensors in the client's state."""

@@ -67,6 +67,11 @@ def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[b
         ray.shutdown()
 
 
+def _unpacked(broadcast: Any) -> Mapping[str, Any]:
+    """The broadcast as a mapping (the server sends it packed, see :class:`_UploadBatch`)."""
+    return broadcast.tensors(0) if isinstance(broadcast, _UploadBatch) else broadcast
+
+
 class ClientActor:
     """A Ray actor hosting a :class:`ClientCohort`: its clients' data and state live here."""
 
@@ -91,7 +96,7 @@ class ClientActor:
         their uploads, returned as one object that the server pulls (the driver never fetches it).
         One object per chunk, not per client: each object costs a store round trip whatever its size.
         """
-        results = self.cohort.train(round, client_ids, broadcast, payloads)
+        results = self.cohort.train(round, client_ids, _unpacked(broadcast), payloads)
         ok = [r for r in results if not isinstance(r, ClientFailure)]
         batch = _UploadBatch({r.client_id: r.tensors for r in ok}) if ok else None
         return [r if isinstance(r, ClientFailure)
@@ -99,16 +104,16 @@ class ClientActor:
 
     def train_async(self, round: int, client_id: int, broadcast, payloads, nonce: int):
         """One client's asynchronous update (:meth:`ClientCohort.train_async`): metadata plus a reference."""
-        r = self.cohort.train_async(round, client_id, broadcast, payloads, nonce=nonce)
+        r = self.cohort.train_async(round, client_id, _unpacked(broadcast), payloads, nonce=nonce)
         if isinstance(r, ClientFailure):
             return r
         return ClientUpdate(r.client_id, r.round, r.num_samples, {}, r.metrics), ray.put(r.tensors)
 
     def evaluate(self, round: int, client_ids: list[int], broadcast, payloads) -> list:
-        return self.cohort.evaluate(round, client_ids, broadcast, payloads)
+        return self.cohort.evaluate(round, client_ids, _unpacked(broadcast), payloads)
 
     def finalize(self, round: int, client_ids: list[int], broadcast, payloads) -> list:
-        return self.cohort.finalize(round, client_ids, broadcast, payloads)
+        return self.cohort.finalize(round, client_ids, _unpacked(broadcast), payloads)
 
     def save_states(self, directory: str) -> list[int]:
         return self.cohort.save_states(directory)
@@ -129,20 +134,27 @@ class _UploadBatch:
 
     Ray's serialiser costs per Python object and per numpy buffer, and a small model uploads
     hundreds of small tensors per round, which made the put and the get slower than the work they
-    carried. So arrays under ``PACK_BELOW`` bytes are packed into one flat buffer per dtype, and the
-    index (names, dtypes, offsets, shapes) is pickled into one bytes object up front. Larger arrays
-    and non-array values ride as they are (packing them would only add a copy). :meth:`tensors`
-    gives a client's values back, packed arrays as read-only views.
+    carried. So an upload that is already one buffer (a :class:`~rayfed.aggregate.PackedTensors`,
+    what :meth:`Algorithm.upload` makes) rides as that buffer; otherwise arrays under
+    ``PACK_BELOW`` bytes are packed into one flat buffer per dtype. The index (names, dtypes,
+    offsets, shapes) is pickled into one bytes object up front. Larger arrays and non-array values
+    ride as they are (packing them would only add a copy). :meth:`tensors` gives a client's values
+    back, packed arrays as read-only views. The server's broadcast travels the same way (as client 0).
     """
 
     PACK_BELOW = 1 << 16
 
-    def __init__(self, uploads: dict[int, dict[str, Any]]) -> None:
+    def __init__(self, uploads: Mapping[int, Mapping[str, Any]]) -> None:
         parts: dict[str, list[np.ndarray]] = {}
         used: dict[str, int] = {}
-        index: dict[int, list[tuple]] = {}
+        index: dict[int, Any] = {}
         self.loose: dict[int, dict[str, Any]] = {}
+        self.whole: dict[int, np.ndarray] = {}
         for cid, tensors in uploads.items():
+            if isinstance(tensors, PackedTensors):
+                self.whole[cid] = tensors.flat
+                index[cid] = tensors.layout
+                continue
             entries = []
             for k, v in tensors.items():
                 if isinstance(v, np.ndarray) and v.dtype.kind in "biufc" and v.nbytes < self.PACK_BELOW:
@@ -156,7 +168,7 @@ class _UploadBatch:
             index[cid] = entries
         self.packed = {dt: np.concatenate(p) for dt, p in parts.items()}
         self.index = pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
-        self._index: Optional[dict[int, list[tuple]]] = None
+        self._index: Optional[dict[int, Any]] = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_index": None}
@@ -169,6 +181,8 @@ class _UploadBatch:
         packed buffer when all of it is packed in one dtype (the usual case), else a dict.
         """
         entries = self._entries()[client_id]
+        if client_id in self.whole:
+            return PackedTensors(self.whole[client_id], entries)
         if entries and client_id not in self.loose and len({dt for _, dt, _, _ in entries}) == 1:
             dt, start = entries[0][1], entries[0][2]
             end = entries[-1][2] + math.prod(entries[-1][3])
@@ -178,7 +192,7 @@ class _UploadBatch:
         return {k: loose[k] if dt is None else self.packed[dt][off:off + math.prod(shape)].reshape(shape)
                 for k, dt, off, shape in entries}
 
-    def _entries(self) -> dict[int, list[tuple]]:
+    def _entries(self) -> dict[int, Any]:
         if self._index is None:
             self._index = pickle.loads(self.index)
         return self._index
@@ -257,8 +271,9 @@ class ServerActor:
     def teardown(self) -> None:
         self.core = None
 
-    def broadcast(self, round: int):
-        return self.core.broadcast(round)
+    def broadcast(self, round: int) -> _UploadBatch:
+        """The round's broadcast, packed (one buffer per dtype: cheap to store and to read)."""
+        return _UploadBatch({0: self.core.broadcast(round)})
 
     def payloads(self, round: int, groups: list[list[int]]):
         per = self.core.payloads(round, [c for g in groups for c in g])
@@ -281,7 +296,7 @@ class ServerActor:
         server["aggregate_seconds"] = max(0.0, server["aggregate_seconds"] - stream.wait_seconds)
         server["wait_seconds"] = stream.wait_seconds
         report = {"metas": stream.metas, "failures": stream.failures, "server": server}
-        return report, self.core.broadcast(round + 1)
+        return report, _UploadBatch({0: self.core.broadcast(round + 1)})
 
     def apply_async(self, round: int, items: list[tuple[ClientUpdate, ray.ObjectRef]], scales: list[float]) -> dict:
         """Apply asynchronous updates (:meth:`ServerCore.apply_async`), pulling one at a time."""
@@ -587,17 +602,17 @@ SPLIT_WORTH_S = 0.02
 
 
 def _workload(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset) -> Optional[Workload]:
-    """The rounds' sampled clients and each client's local steps, for placement to balance; None when
-    there is nothing to balance (every client trains every round, or asynchronous dispatch).
+    """The rounds' sampled clients and each client's local steps, for placement to balance (one
+    round of everyone under full participation); None in asynchronous mode (no rounds to balance).
     """
+    if cfg.runtime.mode != "sync":
+        return None
     held = set(algorithm.holdout_clients(list(dataset.client_ids), cfg.seed))
     ids = [c for c in dataset.client_ids if c not in held]
     k = cfg.clients_per_round()
-    if cfg.runtime.mode != "sync" or k >= len(ids):
-        return None
     t = cfg.train
-    return Workload(sampling_schedule(ids, k, cfg.seed, cfg.rounds),
-                    client_cost(dataset.client_sizes(), t.batch_size, t.local_epochs, t.max_steps))
+    schedule = [sorted(ids)] if k >= len(ids) else sampling_schedule(ids, k, cfg.seed, cfg.rounds)
+    return Workload(schedule, client_cost(dataset.client_sizes(), t.batch_size, t.local_epochs, t.max_steps))
 
 
 def _cause(e: BaseException) -> str:
