@@ -32,18 +32,24 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, *,
                    lr: float | None = None) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg`` over ``params`` (``lr`` overrides ``cfg.lr``).
 
-    Always the multi-tensor (``foreach``) implementation, which PyTorch picks by default only on
-    GPUs: on CPU it gives bitwise the same steps as the per-tensor loop (tested) and saves a few
-    tenths of a millisecond per step on a model of many small tensors, which is most of a client's
-    step on a small transformer.
+    Over more than :data:`FOREACH_MIN_TENSORS` tensors it is the multi-tensor (``foreach``)
+    implementation, which PyTorch picks by default only on GPUs: on CPU it takes bitwise the same
+    steps as the per-tensor loop (tested) and saves a few tenths of a millisecond per step on a model
+    of many small tensors (most of a client's step on a small transformer). Over a handful of tensors
+    it is slower, so there PyTorch's default stays.
     """
     params = list(params)
     lr = cfg.lr if lr is None else lr
+    foreach = True if len(params) > FOREACH_MIN_TENSORS else None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=foreach)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, foreach=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, foreach=foreach)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, foreach=foreach)
+
+
+#: parameter tensors above which :func:`make_optimizer` uses the multi-tensor implementation
+FOREACH_MIN_TENSORS = 8
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,

@@ -40,7 +40,7 @@ def test_throughput_quick_prints_targets_and_ratios(tmp_path):
     for w in figures["workloads"].values():
         assert [r["runner"] for r in w["runs"]] == ["plain torch, 1 thread", "plain torch, 2 threads",
                                                     "rayfed, 1 actor", "rayfed, 2 actors",
-                                                    "plain torch, 1 thread, foreach"]
+                                                    "plain torch, 1 thread, foreach as rayfed"]
         assert set(w["ratios_vs_plain_1t_foreach"]) == {"1", "2"}
         for r in w["runs"]:
             assert len(r["round_s"]) == w["rounds"] and all(t > 0 for t in r["round_s"])

@@ -275,13 +275,14 @@ def test_multi_tensor_optimizers_step_bitwise_like_the_per_tensor_loop(name):
     cfg = TrainConfig(optimizer=name, lr=0.01, momentum=0.9, weight_decay=0.01)
     torch.manual_seed(0)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
-    base = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    base = torch.nn.Sequential(*[torch.nn.Linear(5 if i == 0 else 8, 8) for i in range(5)], torch.nn.Linear(8, 3))
     models = [base, copy.deepcopy(base)]
     opts = [make_optimizer(models[0].parameters(), cfg)]
     cls = type(opts[0])
     kw = {k: v for k, v in opts[0].defaults.items() if k != "decoupled_weight_decay" or cls is torch.optim.Adam}
     opts.append(cls(models[1].parameters(), **{**kw, "foreach": False}))
-    assert opts[0].defaults["foreach"] is True
+    assert opts[0].defaults["foreach"] is True  # 12 tensors
+    assert make_optimizer(torch.nn.Linear(2, 2).parameters(), cfg).defaults["foreach"] is None  # 2: the default
     for _ in range(5):
         for m, opt in zip(models, opts):
             opt.zero_grad()
