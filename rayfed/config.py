@@ -307,7 +307,9 @@ class RuntimeConfig:
     server_num_cpus: float = _f(0.1, "CPUs reserved for the server actor")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "client torch device; auto = cuda when the actor sees a GPU")
     torch_threads: Optional[int] = _f(None, "torch intra-op threads per actor; default: the actor's CPUs (>= 1)")
-    round_timeout_s: Optional[float] = _f(None, "deadline per round; clients not done are dropped (None = wait)")
+    round_timeout_s: Optional[float] = _f(None, "deadline per round; clients not done are dropped (None = wait). "
+                                                "An actor trains its clients in one call (or a few), so a slow "
+                                                "client also makes the others of its call late")
     min_quorum: float = _f(0.5, "fraction of sampled clients that must succeed, else the round raises ClientError")
     on_client_failure: Literal["drop", "raise"] = _f(
         "drop", "drop: record the failure and go on while the quorum holds; raise: stop with ClientError")

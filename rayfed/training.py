@@ -52,6 +52,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, *,
 FOREACH_MIN_TENSORS = 8
 
 
+def warm_up(cfg: TrainConfig) -> None:
+    """Pay once, at set-up, what a process's first optimizer costs (PyTorch imports its compiler
+    stack on the first ``Optimizer`` construction: about 1.5 s here), instead of in the first round,
+    where it would skew the round's timing and could trip ``runtime.round_timeout_s``.
+    """
+    make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
             generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of ``(x, y)``; shuffled with ``generator`` when one is given."""

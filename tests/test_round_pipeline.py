@@ -290,3 +290,32 @@ def test_multi_tensor_optimizers_step_bitwise_like_the_per_tensor_loop(name):
             opt.step()
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
+
+
+@register_algorithm
+class _SlowClientThree(FedAvg):
+    name = "test_slow_client_three"
+    config_class = FedAvgConfig
+
+    def local_update(self, ctx):
+        if ctx.client_id == 3 and ctx.round == 0:
+            import time
+
+            time.sleep(4.0)
+        return super().local_update(ctx)
+
+
+@pytest.mark.ray
+def test_round_timeout_drops_the_late_actors_clients_and_aggregates_the_rest(ray_cluster):
+    cfg = small_config(algorithm__name="test_slow_client_three", runtime__executor="ray", runtime__num_actors=2,
+                       runtime__num_cpus_per_actor=0.5, runtime__min_quorum=0.25, runtime__round_timeout_s=1.5)
+    ex = _executor(cfg)
+    try:
+        late = ex.groups[ex.owner[3]]
+        out = ex.train_round(0, list(range(6)))
+        assert sorted((f.client_id, f.stage) for f in out.failures) == [(c, "timeout") for c in late]
+        assert "runtime.round_timeout_s=1.5" in out.failures[0].detail
+        assert sorted(u["client_id"] for u in out.updates) == sorted(set(range(6)) - set(late))
+        assert ex.server_state().round == 1
+    finally:
+        ex.close(reuse=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -339,10 +340,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _main_input_name(model: nn.Module) -> str | None:
     """``main_input_name`` of a Hugging Face model (also through PEFT), else None."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
+    transformers = sys.modules.get("transformers")
+    if transformers is None:  # not imported, so the model is not one of its classes (and importing costs ~2 s)
         return None
+    PreTrainedModel = transformers.PreTrainedModel  # noqa: N806
     inner = _unwrap(model)
     if isinstance(inner, PreTrainedModel):
         return str(inner.main_input_name)

@@ -28,6 +28,7 @@ from rayfed.models import build_model
 from rayfed.models.views import tensors
 from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
 from rayfed.roles import Role, RoleMap
+from rayfed.training import warm_up
 
 __all__ = ["ClientCohort", "ClientFailure", "CohortSpec", "ServerCore", "client_seed"]
 
@@ -97,6 +98,7 @@ class ClientCohort:
         #: SIMULATED Byzantine behaviour (config section ``attack``); None when off
         self.attack = Attack(cfg.attack, self.num_clients, cfg.seed, ds.info.num_classes,
                              upload_kind(self.algorithm)) if cfg.attack.enabled else None
+        warm_up(cfg.train)
 
     # -- state ---------------------------------------------------------------------------------
     def _reset_model(self, keys: Iterable[str] | None = None) -> None:
@@ -250,6 +252,7 @@ class ServerCore:
         model = build_model(_model_source(config, model_factory), info, config.seed)
         self.roles = algorithm.roles(model)
         self.state = algorithm.init_server(model, self.roles, dict(client_sizes), config.seed)
+        warm_up(config.train)  # server optimizers (FFGG, FedTP's hypernetwork) start warm too
         #: every tensor name this server has ever received from a client (for privacy audits)
         self.received: set[str] = set()
         self.bytes_received = 0
