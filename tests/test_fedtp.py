@@ -369,3 +369,28 @@ def test_checkpoint_resume_restores_the_hypernetwork_and_its_optimizer(tmp_path)
     for (name, p), q in zip(a.extra[HYPERNET].named_parameters(), b.extra[HYPERNET].parameters()):
         assert torch.equal(p, q), name
     assert full.summary["accuracy_mean"] == resumed.summary["accuracy_mean"]
+
+
+@pytest.mark.ray
+def test_evaluation_in_payload_sized_waves_gives_the_same_results(ray_cluster, monkeypatch):
+    """At real model sizes one client's generated Q/K/V is tens of MB: evaluation sends them in calls
+    of at most CHUNK_BYTES per actor (here one client per call) with the same results."""
+    from rayfed.runtime import ray_executor
+
+    base = dict(rounds=2, sample_count=3, eval_every=1, runtime__executor="ray", runtime__num_actors=2,
+                runtime__num_cpus_per_actor=0.5)
+    whole = Federation(vit_config(**base), run_dir=False).fit()
+    sizes = []
+    real = ray_executor.RayExecutor._waves
+
+    def spy(self, ids):
+        out = real(self, ids)
+        sizes.append((len(ids), [len(w) for w in out]))
+        return out
+
+    monkeypatch.setattr(ray_executor, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(ray_executor.RayExecutor, "_waves", spy)
+    waves = Federation(vit_config(**base), run_dir=False).fit()
+    assert sizes and all(w == [1] * n for n, w in sizes)  # one client's payload per call
+    assert sum(n for n, _ in sizes) == 2 * 6  # every client of both evaluations
+    pd.testing.assert_frame_equal(_frame(whole), _frame(waves))

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayError
 
 from rayfed.aggregate import PackedTensors
 from rayfed.algorithms.base import Algorithm, ClientUpdate
@@ -262,11 +262,15 @@ class ServerActor:
         torch.set_num_threads(threads)
         self.core: Optional[ServerCore] = None
 
-    def setup(self, *args: Any) -> int:
-        """Build the server state; returns the bytes of the first broadcast (an upload-size estimate)."""
+    def setup(self, *args: Any, payload_probe: Optional[int] = None) -> tuple[int, int]:
+        """Build the server state. Returns the bytes of the first broadcast (an upload-size estimate)
+        and of client ``payload_probe``'s payload (0 when None), which size the executor's calls.
+        """
         self.core = None
         self.core = ServerCore(*args)
-        return int(sum(getattr(v, "nbytes", 0) for v in self.core.broadcast(0).values()))
+        nbytes = lambda d: int(sum(getattr(v, "nbytes", 0) for v in d.values()))  # noqa: E731
+        probe = self.core.payloads(0, [payload_probe]).get(payload_probe, {}) if payload_probe is not None else {}
+        return nbytes(self.core.broadcast(0)), nbytes(probe)
 
     def teardown(self) -> None:
         self.core = None
@@ -389,6 +393,7 @@ class RayExecutor(Executor):
         self._broadcast_any_round = type(algorithm).broadcast is Algorithm.broadcast
         self._bcast: Optional[tuple[int, ray.ObjectRef]] = None
         self._bytes_per_client = 0.0  # largest upload of a client in the last round
+        self._payload_bytes = 0.0  # one client's payload (FedTP's generated tensors), measured at set-up
         self._agg_per_client = 0.0  # the server's aggregation seconds per client in the last round
         rt = cfg.runtime
         ids = list(dataset.client_ids)
@@ -432,7 +437,7 @@ class RayExecutor(Executor):
             self.actors.append(_acquire(RemoteClientActor, key if self._poolable else None, opts, threads))
             self._keys[len(self.actors) - 1] = key
         server_ready = self.server.setup.remote(cfg, algorithm, dataset.info, dataset.client_sizes(),
-                                                model_factory)
+                                                model_factory, payload_probe=ids[0] if self._has_payloads else None)
         setups = [actor.setup.remote(CohortSpec(cfg, algorithm, a.clients, model_factory))
                   for actor, a in zip(self.actors, plan.actors)]
         # surface set-up errors (data, model) now, naming a client of the failing actor
@@ -443,7 +448,7 @@ class RayExecutor(Executor):
                 self.close(reuse=False)
                 raise ClientError(self.groups[i][0], -1, "setup", _cause(e)) from e
         try:
-            self._bytes_per_client = float(ray.get(server_ready))
+            self._bytes_per_client, self._payload_bytes = map(float, ray.get(server_ready))
         except RayError as e:
             self.close(reuse=False)
             raise RuntimeError(f"the server actor failed to start: {_cause(e)}") from e
@@ -494,32 +499,63 @@ class RayExecutor(Executor):
         p = self.server.payloads.options(num_returns=len(groups)).remote(round, groups)
         return b, (p if len(groups) > 1 else [p])
 
+    def _waves(self, ids: list[int]) -> list[list[int]]:
+        """An actor's clients in calls of at most :data:`CHUNK_BYTES` of payloads (one call without)."""
+        per = len(ids) or 1
+        if self._has_payloads and self._payload_bytes:
+            per = max(1, int(CHUNK_BYTES // self._payload_bytes))
+        return [ids[i:i + per] for i in range(0, len(ids), per)]
+
     def _call(self, method: str, round: int, client_ids: list[int]) -> tuple[list, list[ClientError]]:
-        parts = self._by_actor(client_ids)
-        b, prefs = self._payload_refs(round, parts)
-        refs = [getattr(self.actors[a], method).remote(round, ids, b, prefs[i])
-                for i, (a, ids) in enumerate(parts)]
+        """Evaluate or finalize ``client_ids`` on their actors (every actor at once).
+
+        With per-client payloads (FedTP's generated tensors), an actor's clients go in calls of at
+        most :data:`CHUNK_BYTES` of payloads, each actor's next call submitted when its last one is
+        done, so a round over every client holds at most one call's payloads per actor in the
+        object store, however many clients there are (at ViT-Base size one client's generated Q/K/V
+        is about 80 MB).
+        """
+        b = self._broadcast_ref(round)
+        queues = {a: self._waves(ids) for a, ids in self._by_actor(client_ids)}
+        inflight: dict[ray.ObjectRef, list[int]] = {}
+        owner: dict[ray.ObjectRef, int] = {}
+
+        def submit(a: int) -> None:
+            ids = queues[a].pop(0)
+            payload = self.server.payloads.remote(round, [ids]) if self._has_payloads else {}
+            ref = getattr(self.actors[a], method).remote(round, ids, b, payload)
+            inflight[ref], owner[ref] = ids, a
+
+        for a in queues:
+            submit(a)
         timeout = self.cfg.runtime.round_timeout_s
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        ready_set = set(ready)
+        deadline = None if timeout is None else time.monotonic() + timeout
         out: list = []
         failures: list[ClientError] = []
-        for ref, (_, ids) in zip(refs, parts):
-            if ref not in ready_set:
+        while inflight:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
+            if not ready:  # past the deadline: whatever is not done is dropped
+                late = [c for ids in inflight.values() for c in ids] + [c for q in queues.values()
+                                                                       for ids in q for c in ids]
                 failures += [ClientError(c, round, "timeout", f"not done within runtime.round_timeout_s="
-                                         f"{timeout}") for c in ids]
-                continue
+                                         f"{timeout}") for c in sorted(late)]
+                break
+            ref = ready[0]
+            ids, a = inflight.pop(ref), owner.pop(ref)
             try:
                 res = ray.get(ref)
-            except (RayActorError, RayTaskError, GetTimeoutError) as e:
-                failures += [ClientError(c, round, "train" if method == "train" else method, _cause(e))
-                             for c in ids]
-                continue
-            ok, failed = self._split(res)
-            out += ok
-            failures += failed
+            except RayError as e:
+                failures += [ClientError(c, round, method, _cause(e)) for c in ids]
+            else:
+                ok, failed = self._split(res)
+                out += ok
+                failures += failed
+            if queues[a]:
+                submit(a)
         # results in client order whatever the actor layout (tables and aggregation are deterministic)
-        out.sort(key=lambda r: r[0].client_id if isinstance(r, tuple) else r["client_id"])
+        out.sort(key=lambda r: r["client_id"])
+        failures.sort(key=lambda f: f.client_id)
         return out, failures
 
     # -- rounds --------------------------------------------------------------------------------
