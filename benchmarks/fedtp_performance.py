@@ -10,7 +10,8 @@ Per round (median over rounds after the first, which warms up):
 
 - server generate: ``payloads`` for the sampled clients, one batched pass (``server_payload_seconds``);
 - client train: the sampled clients' local training (sum over clients, and the slowest actor's share);
-- server update: the whole aggregation (``server_aggregate_seconds``: fetching uploads, averaging
+- server update: the server's own aggregation work (``server_aggregate_seconds``, without the time it waits
+  for clients still training: fetching uploads, averaging
   shared weights, hypernetwork backprop and step), of which hypernetwork (``server_hypernet_seconds``);
 - round wall: the driver's time for the whole training round.
 
