@@ -2,7 +2,8 @@
 
 Each dispatched client is one ``train_async`` call on the client actor that owns it, fed with the
 server's current broadcast and that client's payload as object references (the server actor
-serves calls in order, so they reflect every update applied before the dispatch). Its upload goes
+serves calls in order, so they reflect every update applied before the dispatch; the broadcast
+object is reused until the next update is applied). Its upload goes
 to the object store; the driver holds only metadata and the reference, which it hands to the
 server actor's ``apply_async``. With real delays, ``ray.wait`` returns whichever client finishes
 first and the driver dispatches a new client into the freed slot.
@@ -32,9 +33,10 @@ class RayAsyncBackend:
         self.ex = executor
 
     def dispatch(self, round: int, client_id: int, nonce: int) -> ray.ObjectRef:
-        server = self.ex.server
-        broadcast = server.broadcast.remote(round)
-        payloads = server.payloads.remote(round, [[client_id]])
+        # one broadcast object per server state (apply() forgets it), a payload call only for
+        # algorithms that have payloads: server calls sit between an update and the next dispatch
+        broadcast = self.ex._broadcast_ref(round)
+        payloads = self.ex.server.payloads.remote(round, [[client_id]]) if self.ex._has_payloads else {}
         actor = self.ex.actors[self.ex.owner[client_id]]
         return actor.train_async.remote(round, client_id, broadcast, payloads, nonce)
 
