@@ -482,7 +482,7 @@ class RayExecutor(Executor):
         returns more than :data:`CHUNK_BYTES` of uploads (before the first round: the size of the
         broadcast), which bounds the object-store memory of a round.
         """
-        per = len(ids)
+        per = len(ids) or 1
         if self._bytes_per_client:
             per = max(1, int(CHUNK_BYTES // self._bytes_per_client))
         split = len(ids)
