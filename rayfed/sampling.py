@@ -7,10 +7,11 @@ each round's work is spread evenly (:func:`rayfed.runtime.placement.balance_grou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from rayfed.training import local_steps
 
 __all__ = ["client_cost", "sample_clients", "sampling_schedule"]
 
@@ -39,9 +40,7 @@ def sampling_schedule(client_ids: Sequence[int], k: int, seed: int, rounds: int,
 
 def client_cost(num_train: Mapping[int, int], batch_size: int, local_epochs: float,
                 max_steps: int | None = None) -> dict[int, float]:
-    """Local optimizer steps of each client per round: the unit of work that placement balances."""
-    out = {}
-    for cid, n in num_train.items():
-        steps = math.ceil(local_epochs * math.ceil(max(n, 1) / batch_size))
-        out[cid] = float(min(steps, max_steps) if max_steps is not None else steps)
-    return out
+    """Local optimizer steps of each client per round (:func:`rayfed.training.local_steps`, at least
+    one): the unit of work that placement balances.
+    """
+    return {cid: float(local_steps(max(n, 1), batch_size, local_epochs, max_steps)) for cid, n in num_train.items()}

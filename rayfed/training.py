@@ -14,7 +14,8 @@ from rayfed.config import TrainConfig
 from rayfed.models import forward_logits
 from rayfed.models.views import named_params, set_mode
 
-__all__ = ["batches", "evaluate", "make_optimizer", "only_trainable", "task_loss", "train_epochs"]
+__all__ = ["batches", "evaluate", "local_steps", "make_optimizer", "only_trainable", "task_loss",
+           "train_epochs", "warm_up"]
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -50,6 +51,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, *,
 
 #: parameter tensors above which :func:`make_optimizer` uses the multi-tensor implementation
 FOREACH_MIN_TENSORS = 8
+
+
+def local_steps(num_samples: int, batch_size: int, epochs: float, max_steps: int | None = None) -> int:
+    """Optimizer steps of :func:`train_epochs` on ``num_samples`` samples: ``epochs`` (may be
+    fractional) of ``ceil(num_samples / batch_size)`` batches, capped at ``max_steps``.
+    """
+    total = math.ceil(epochs * math.ceil(num_samples / batch_size))
+    return total if max_steps is None else min(total, max_steps)
 
 
 def warm_up(cfg: TrainConfig) -> None:
@@ -115,10 +124,7 @@ def train_epochs(
     max_steps = max_steps if max_steps is not None else cfg.max_steps
     loss_fn = loss_fn or task_loss
     xt, yt = to_tensors(x, y, device)
-    steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
-    total = math.ceil(epochs * steps_per_epoch)
-    if max_steps is not None:
-        total = min(total, max_steps)
+    total = local_steps(len(yt), cfg.batch_size, epochs, max_steps)
     if total <= 0 or len(yt) == 0:
         return {"train_loss": float("nan"), "steps": 0}
     set_mode(model, True)

@@ -115,9 +115,7 @@ def balance_groups(client_ids: Sequence[int], n: int, work: Optional[Workload], 
         for i in here:
             rounds_lists[i].append(r)
     rounds_of = [frozenset(rs) for rs in rounds_lists]
-    load = np.zeros((len(work.schedule), n))
-    for r, here in enumerate(sampled_in):
-        np.add.at(load[r], owner[here], w[here])
+    load = round_loads(groups, work)
     used = np.concatenate(sampled_in) if sampled_in else np.zeros(0, np.int64)
     slack = float(w[used].min()) if used.size else 0.0  # one client's work: the finest balance possible
     rng = np.random.default_rng([seed, 0xBA1A])

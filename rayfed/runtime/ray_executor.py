@@ -300,7 +300,7 @@ class ServerActor:
         server["aggregate_seconds"] = max(0.0, server["aggregate_seconds"] - stream.wait_seconds)
         server["wait_seconds"] = stream.wait_seconds
         report = {"metas": stream.metas, "failures": stream.failures, "server": server}
-        return report, _UploadBatch({0: self.core.broadcast(round + 1)})
+        return report, self.broadcast(round + 1)
 
     def apply_async(self, round: int, items: list[tuple[ClientUpdate, ray.ObjectRef]], scales: list[float]) -> dict:
         """Apply asynchronous updates (:meth:`ServerCore.apply_async`), pulling one at a time."""
@@ -482,14 +482,10 @@ class RayExecutor(Executor):
         returns more than :data:`CHUNK_BYTES` of uploads (before the first round: the size of the
         broadcast), which bounds the object-store memory of a round.
         """
-        per = len(ids) or 1
-        if self._bytes_per_client:
-            per = max(1, int(CHUNK_BYTES // self._bytes_per_client))
         split = len(ids)
         if self._agg_per_client * len(ids) > SPLIT_WORTH_S:
             split = len(ids) - max(1, int(SPLIT_WORTH_S // self._agg_per_client))
-        parts = [p for p in (ids[:split], ids[split:]) if p]
-        return [p[i:i + per] for p in parts for i in range(0, len(p), per)]
+        return [c for p in (ids[:split], ids[split:]) for c in _capped(p, self._bytes_per_client)]
 
     def _payload_refs(self, round: int, parts: list[tuple[int, list[int]]]):
         b = self._broadcast_ref(round)
@@ -501,10 +497,7 @@ class RayExecutor(Executor):
 
     def _waves(self, ids: list[int]) -> list[list[int]]:
         """An actor's clients in calls of at most :data:`CHUNK_BYTES` of payloads (one call without)."""
-        per = len(ids) or 1
-        if self._has_payloads and self._payload_bytes:
-            per = max(1, int(CHUNK_BYTES // self._payload_bytes))
-        return [ids[i:i + per] for i in range(0, len(ids), per)]
+        return _capped(ids, self._payload_bytes if self._has_payloads else 0.0)
 
     def _call(self, method: str, round: int, client_ids: list[int]) -> tuple[list, list[ClientError]]:
         """Evaluate or finalize ``client_ids`` on their actors (every actor at once).
@@ -635,6 +628,12 @@ class RayExecutor(Executor):
 CHUNK_BYTES = 256 * 1024 * 1024
 #: server aggregation time worth an extra training call per actor (see RayExecutor._chunks)
 SPLIT_WORTH_S = 0.02
+
+
+def _capped(ids: list[int], bytes_per_client: float) -> list[list[int]]:
+    """``ids`` in consecutive calls of at most :data:`CHUNK_BYTES` (one call when the size is unknown)."""
+    per = max(1, int(CHUNK_BYTES // bytes_per_client)) if bytes_per_client else max(1, len(ids))
+    return [ids[i:i + per] for i in range(0, len(ids), per)]
 
 
 def _workload(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset) -> Optional[Workload]:
