@@ -211,8 +211,7 @@ class _FailsInRoundOne(FedAvg):
         return super().local_update(ctx)
 
 
-@register_algorithm
-class _KillsItsActor(FedAvg):
+class _KillsItsActor(FedAvg):  # registered only inside its test (see _only_here): it ends its process
     name = "test_kills_its_actor"
     config_class = FedAvgConfig
 
@@ -220,6 +219,14 @@ class _KillsItsActor(FedAvg):
         if ctx.client_id == 1 and ctx.round == 0:
             os._exit(3)  # the whole client actor process dies mid-round
         return super().local_update(ctx)
+
+
+def _only_here(monkeypatch, cls) -> None:
+    """Register ``cls`` for one test: registry-wide checks (every algorithm asynchronously, in this
+    process) must not pick up an algorithm that kills or stalls the process it runs in."""
+    from rayfed import algorithms
+
+    monkeypatch.setitem(algorithms._REGISTRY, cls.name, cls)
 
 
 def _executor(cfg):
@@ -251,7 +258,8 @@ def test_a_lost_quorum_leaves_the_server_state_as_it_was(ray_cluster):
 
 
 @pytest.mark.ray
-def test_a_client_actor_dying_mid_round_fails_its_clients_by_name(ray_cluster):
+def test_a_client_actor_dying_mid_round_fails_its_clients_by_name(ray_cluster, monkeypatch):
+    _only_here(monkeypatch, _KillsItsActor)
     cfg = small_config(algorithm__name="test_kills_its_actor", runtime__executor="ray", runtime__num_actors=2,
                        runtime__num_cpus_per_actor=0.5, runtime__min_quorum=0.25)
     ex = _executor(cfg)
@@ -292,8 +300,7 @@ def test_multi_tensor_optimizers_step_bitwise_like_the_per_tensor_loop(name):
         assert torch.equal(a, b)
 
 
-@register_algorithm
-class _SlowClientThree(FedAvg):
+class _SlowClientThree(FedAvg):  # registered only inside its test (see _only_here)
     name = "test_slow_client_three"
     config_class = FedAvgConfig
 
@@ -306,7 +313,8 @@ class _SlowClientThree(FedAvg):
 
 
 @pytest.mark.ray
-def test_round_timeout_drops_the_late_actors_clients_and_aggregates_the_rest(ray_cluster):
+def test_round_timeout_drops_the_late_actors_clients_and_aggregates_the_rest(ray_cluster, monkeypatch):
+    _only_here(monkeypatch, _SlowClientThree)
     cfg = small_config(algorithm__name="test_slow_client_three", runtime__executor="ray", runtime__num_actors=2,
                        runtime__num_cpus_per_actor=0.5, runtime__min_quorum=0.25, runtime__round_timeout_s=1.5)
     ex = _executor(cfg)
