@@ -37,6 +37,7 @@ __all__ = [
     "OutputConfig",
     "PartialLinearConfig",
     "PartitionConfig",
+    "PeftConfig",
     "RuntimeConfig",
     "SyntheticConfig",
     "TrainConfig",
@@ -190,6 +191,48 @@ class DataConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning through Hugging Face PEFT (``model.peft``).
+
+    The prepared model keeps its base weights frozen (role ``frozen``: never trained, never sent);
+    the adapter tensors (and ``modules_to_save``) are trained and shared, unless an
+    ``algorithm.private`` selector (e.g. ``preset:lora``) keeps them private.
+    """
+
+    type: Literal["none", "lora", "ia3", "prompt_tuning"] = _f(
+        "none", "none (train the model itself), lora, ia3 or prompt_tuning (HF text models only)")
+    r: int = _f(8, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    dropout: float = _f(0.0, "LoRA dropout")
+    target_modules: Optional[Union[str, list[str]]] = _f(
+        None, "modules the adapters wrap: a list of module names (PEFT matches name suffixes) or one regular "
+        "expression string (matched against the full module name); null = the attention query and value "
+        "projections")
+    feedforward_modules: Optional[list[str]] = _f(
+        None, "IA3: which of target_modules are feed-forward layers (scaled on their input); null = the "
+        "attention output-side MLP layers PEFT's defaults name")
+    modules_to_save: Optional[list[str]] = _f(
+        None, "modules trained in full next to the adapters (and sent); null = the classifier head, [] = none")
+    num_virtual_tokens: int = _f(8, "prompt_tuning: number of learned virtual tokens")
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "model.peft.r", self.r, "an integer >= 1 (e.g. 8)")
+        _check(self.alpha > 0, "model.peft.alpha", self.alpha, "a number > 0 (e.g. 16)")
+        _check(0 <= self.dropout < 1, "model.peft.dropout", self.dropout, "a number in [0, 1)")
+        _check(self.num_virtual_tokens >= 1, "model.peft.num_virtual_tokens", self.num_virtual_tokens,
+               "an integer >= 1")
+        if self.target_modules is not None:
+            _check(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+                   "model.peft.target_modules", self.target_modules,
+                   "a non-empty list of module names, a regular expression string, or null")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a PEFT method is configured."""
+        return self.type != "none"
+
+
+@dataclass
 class ModelConfig:
     """The model every client trains."""
 
@@ -209,6 +252,8 @@ class ModelConfig:
     linear_head_features: Optional[int] = _f(
         None, "name=linear: trailing input features read only by the 'head' block (the rest feed 'body'); "
         "null = the data's own split (partial_linear: its private_dim), else every feature goes to 'head'")
+    peft: PeftConfig = field(default_factory=PeftConfig, metadata={
+        "help": "parameter-efficient fine-tuning through HF PEFT (LoRA, IA3, prompt tuning); off by default"})
 
     def __post_init__(self) -> None:
         if self.linear_head_features is not None:
