@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -19,17 +18,10 @@ from rayfed.errors import ClientError, ConfigError
 
 __all__ = ["main"]
 
-DEFAULT_CONFIG = "default.yaml"
-
-
-def _default_config_path() -> Path:
-    return Path(str(resources.files("rayfed") / "configs" / DEFAULT_CONFIG))
-
-
 def _load(args) -> FederationConfig:  # noqa: F821
-    from rayfed.config import apply_overrides, from_dict, read_config_file
+    from rayfed.config import apply_overrides, default_config_path, from_dict, read_config_file
 
-    data = read_config_file(args.config or _default_config_path())
+    data = read_config_file(args.config or default_config_path())
     sets = list(args.set or [])
     if getattr(args, "executor", None):
         sets.append(f"runtime.executor={args.executor}")

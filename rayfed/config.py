@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from rayfed.errors import ConfigError
+from rayfed.errors import ConfigError, did_you_mean
+from rayfed.registry import get_algorithm
 
 __all__ = [
     "AggregationConfig",
@@ -59,7 +60,10 @@ def _fail(key: str, value: Any, expected: str) -> None:
     raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
 
-def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+def require(cond: bool, key: str, value: Any, expected: str) -> None:
+    """Raise :class:`ConfigError` naming ``key``, the ``value`` received and what was ``expected``
+    unless ``cond`` holds (the check every config section's ``__post_init__`` uses).
+    """
     if not cond:
         _fail(key, value, expected)
 
@@ -82,10 +86,10 @@ class PartitionConfig:
     min_samples: int = _f(10, "every client must end with at least this many samples (train + test)")
 
     def __post_init__(self) -> None:
-        _check(self.alpha > 0, "data.partition.alpha", self.alpha, "a number > 0 (e.g. 0.3)")
-        _check(self.classes_per_client >= 1, "data.partition.classes_per_client",
+        require(self.alpha > 0, "data.partition.alpha", self.alpha, "a number > 0 (e.g. 0.3)")
+        require(self.classes_per_client >= 1, "data.partition.classes_per_client",
                self.classes_per_client, "an integer >= 1")
-        _check(self.min_samples >= 2, "data.partition.min_samples", self.min_samples,
+        require(self.min_samples >= 2, "data.partition.min_samples", self.min_samples,
                "an integer >= 2 (each client needs a train and a test sample)")
 
 
@@ -102,17 +106,17 @@ class SyntheticConfig:
     noise: float = _f(1.0, "noise scale around each class's prototype; larger = harder")
 
     def __post_init__(self) -> None:
-        _check(self.num_samples >= 2, "data.synthetic.num_samples", self.num_samples, "an integer >= 2")
-        _check(self.num_classes >= 2, "data.synthetic.num_classes", self.num_classes, "an integer >= 2")
-        _check(len(self.feature_shape) >= 1 and all(int(d) >= 1 for d in self.feature_shape),
+        require(self.num_samples >= 2, "data.synthetic.num_samples", self.num_samples, "an integer >= 2")
+        require(self.num_classes >= 2, "data.synthetic.num_classes", self.num_classes, "an integer >= 2")
+        require(len(self.feature_shape) >= 1 and all(int(d) >= 1 for d in self.feature_shape),
                "data.synthetic.feature_shape", self.feature_shape, "a non-empty list of positive ints")
         if self.modality == "image":
-            _check(len(self.feature_shape) == 3, "data.synthetic.feature_shape", self.feature_shape,
+            require(len(self.feature_shape) == 3, "data.synthetic.feature_shape", self.feature_shape,
                    "[C, H, W] when modality is image")
         if self.modality == "text":
-            _check(len(self.feature_shape) == 1, "data.synthetic.feature_shape", self.feature_shape,
+            require(len(self.feature_shape) == 1, "data.synthetic.feature_shape", self.feature_shape,
                    "[sequence_length] when modality is text")
-        _check(self.noise >= 0, "data.synthetic.noise", self.noise, "a number >= 0")
+        require(self.noise >= 0, "data.synthetic.noise", self.noise, "a number >= 0")
 
 
 @dataclass
@@ -134,11 +138,11 @@ class PartialLinearConfig:
 
     def __post_init__(self) -> None:
         for k in ("samples_per_client", "shared_dim", "private_dim"):
-            _check(getattr(self, k) >= 1, f"data.partial_linear.{k}", getattr(self, k), "an integer >= 1")
-        _check(self.samples_per_client >= 2, "data.partial_linear.samples_per_client", self.samples_per_client,
+            require(getattr(self, k) >= 1, f"data.partial_linear.{k}", getattr(self, k), "an integer >= 1")
+        require(self.samples_per_client >= 2, "data.partial_linear.samples_per_client", self.samples_per_client,
                "an integer >= 2 (each client needs a train and a test sample)")
         for k in ("heterogeneity", "feature_shift", "noise"):
-            _check(getattr(self, k) >= 0, f"data.partial_linear.{k}", getattr(self, k), "a number >= 0")
+            require(getattr(self, k) >= 0, f"data.partial_linear.{k}", getattr(self, k), "a number >= 0")
 
 
 @dataclass
@@ -167,10 +171,10 @@ class DataConfig:
     test_fraction: float = _f(0.25, "fraction of each client's samples held out as its own test split")
 
     def __post_init__(self) -> None:
-        _check(self.num_clients >= 1, "data.num_clients", self.num_clients, "an integer >= 1")
-        _check(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction,
+        require(self.num_clients >= 1, "data.num_clients", self.num_clients, "an integer >= 1")
+        require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction,
                "a fraction strictly between 0 and 1 (e.g. 0.25)")
-        _check(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")
+        require(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")
         if self.source in ("parquet", "huggingface") and not self.path:
             what = "a Parquet file or directory" if self.source == "parquet" else "a dataset folder or name"
             raise ConfigError(f"config key 'data.path': data.source={self.source!r} needs a path, got None; "
@@ -187,7 +191,7 @@ class DataConfig:
             raise ConfigError("config key 'data.tokenizer': data.text_column is set but no tokenizer; set "
                               "data.tokenizer to a local tokenizer folder")
         if self.image_shape is not None:
-            _check(len(self.image_shape) == 3, "data.image_shape", self.image_shape, "[C, H, W]")
+            require(len(self.image_shape) == 3, "data.image_shape", self.image_shape, "[C, H, W]")
 
 
 @dataclass
@@ -216,13 +220,13 @@ class PeftConfig:
     num_virtual_tokens: int = _f(8, "prompt_tuning: number of learned virtual tokens")
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "model.peft.r", self.r, "an integer >= 1 (e.g. 8)")
-        _check(self.alpha > 0, "model.peft.alpha", self.alpha, "a number > 0 (e.g. 16)")
-        _check(0 <= self.dropout < 1, "model.peft.dropout", self.dropout, "a number in [0, 1)")
-        _check(self.num_virtual_tokens >= 1, "model.peft.num_virtual_tokens", self.num_virtual_tokens,
+        require(self.r >= 1, "model.peft.r", self.r, "an integer >= 1 (e.g. 8)")
+        require(self.alpha > 0, "model.peft.alpha", self.alpha, "a number > 0 (e.g. 16)")
+        require(0 <= self.dropout < 1, "model.peft.dropout", self.dropout, "a number in [0, 1)")
+        require(self.num_virtual_tokens >= 1, "model.peft.num_virtual_tokens", self.num_virtual_tokens,
                "an integer >= 1")
         if self.target_modules is not None:
-            _check(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+            require(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
                    "model.peft.target_modules", self.target_modules,
                    "a non-empty list of module names, a regular expression string, or null")
 
@@ -257,13 +261,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.linear_head_features is not None:
-            _check(self.linear_head_features >= 0, "model.linear_head_features", self.linear_head_features,
+            require(self.linear_head_features >= 0, "model.linear_head_features", self.linear_head_features,
                    "an integer >= 0 or null")
         for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
-            _check(getattr(self, k) >= 1, f"model.{k}", getattr(self, k), "an integer >= 1")
-        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
+            require(getattr(self, k) >= 1, f"model.{k}", getattr(self, k), "an integer >= 1")
+        require(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
                f"a multiple of model.num_heads={self.num_heads}")
-        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+        require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
         if self.name == "pretrained":
             if not self.path:
                 raise ConfigError("config key 'model.path': model.name='pretrained' needs a local folder, "
@@ -287,15 +291,15 @@ class TrainConfig:
     grad_clip: Optional[float] = _f(None, "clip the gradient norm to this value (None = off)")
 
     def __post_init__(self) -> None:
-        _check(self.local_epochs >= 0, "train.local_epochs", self.local_epochs, "an integer >= 0")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, "train.lr", self.lr, "a learning rate > 0 (e.g. 0.001)")
-        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        require(self.local_epochs >= 0, "train.local_epochs", self.local_epochs, "an integer >= 0")
+        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        require(self.lr > 0, "train.lr", self.lr, "a learning rate > 0 (e.g. 0.001)")
+        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         if self.max_steps is not None:
-            _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1 or null")
+            require(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1 or null")
         if self.grad_clip is not None:
-            _check(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "a number > 0 or null")
+            require(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "a number > 0 or null")
 
 
 @dataclass
@@ -328,14 +332,14 @@ class AsyncConfig:
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None:
-            _check(self.max_in_flight >= 1, "runtime.asynchronous.max_in_flight", self.max_in_flight,
+            require(self.max_in_flight >= 1, "runtime.asynchronous.max_in_flight", self.max_in_flight,
                    "an integer >= 1 or null")
         if self.total_updates is not None:
-            _check(self.total_updates >= 1, "runtime.asynchronous.total_updates", self.total_updates,
+            require(self.total_updates >= 1, "runtime.asynchronous.total_updates", self.total_updates,
                    "an integer >= 1 or null")
-        _check(self.buffer_size >= 1, "runtime.asynchronous.buffer_size", self.buffer_size, "an integer >= 1")
-        _check(self.delay_spread >= 0, "runtime.asynchronous.delay_spread", self.delay_spread, "a number >= 0")
-        _check(self.delay_jitter >= 0, "runtime.asynchronous.delay_jitter", self.delay_jitter, "a number >= 0")
+        require(self.buffer_size >= 1, "runtime.asynchronous.buffer_size", self.buffer_size, "an integer >= 1")
+        require(self.delay_spread >= 0, "runtime.asynchronous.delay_spread", self.delay_spread, "a number >= 0")
+        require(self.delay_jitter >= 0, "runtime.asynchronous.delay_jitter", self.delay_jitter, "a number >= 0")
 
 
 @dataclass
@@ -372,28 +376,28 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         seen: dict[int, str] = {}
         for site, ids in self.sites.items():
-            _check(bool(site) and site not in ("CPU", "GPU", "memory", "object_store_memory"),
+            require(bool(site) and site not in ("CPU", "GPU", "memory", "object_store_memory"),
                    f"runtime.sites.{site}", site, "a custom resource name such as site_a (not CPU/GPU/memory)")
-            _check(len(ids) > 0, f"runtime.sites.{site}", ids, "a non-empty list of client ids")
+            require(len(ids) > 0, f"runtime.sites.{site}", ids, "a non-empty list of client ids")
             for cid in ids:
-                _check(cid >= 0, f"runtime.sites.{site}", ids, "client ids >= 0")
+                require(cid >= 0, f"runtime.sites.{site}", ids, "client ids >= 0")
                 if cid in seen:
                     raise ConfigError(f"config key 'runtime.sites.{site}': client {cid} is already pinned to site "
                                       f"{seen[cid]!r}; list each client under one site only")
                 seen[cid] = site
-        _check(self.actors_per_site >= 1, "runtime.actors_per_site", self.actors_per_site, "an integer >= 1")
+        require(self.actors_per_site >= 1, "runtime.actors_per_site", self.actors_per_site, "an integer >= 1")
         if self.num_actors is not None:
-            _check(self.num_actors >= 1, "runtime.num_actors", self.num_actors, "an integer >= 1 or null")
+            require(self.num_actors >= 1, "runtime.num_actors", self.num_actors, "an integer >= 1 or null")
         if self.num_cpus_per_actor is not None:
-            _check(self.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor", self.num_cpus_per_actor,
+            require(self.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor", self.num_cpus_per_actor,
                    "a positive number (fractions such as 0.5 are fine)")
-        _check(self.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor", self.num_gpus_per_actor, "a number >= 0")
-        _check(self.server_num_cpus >= 0, "runtime.server_num_cpus", self.server_num_cpus, "a number >= 0")
-        _check(0 <= self.min_quorum <= 1, "runtime.min_quorum", self.min_quorum, "a fraction in [0, 1]")
+        require(self.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor", self.num_gpus_per_actor, "a number >= 0")
+        require(self.server_num_cpus >= 0, "runtime.server_num_cpus", self.server_num_cpus, "a number >= 0")
+        require(0 <= self.min_quorum <= 1, "runtime.min_quorum", self.min_quorum, "a fraction in [0, 1]")
         if self.round_timeout_s is not None:
-            _check(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s, "seconds > 0 or null")
+            require(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s, "seconds > 0 or null")
         if self.torch_threads is not None:
-            _check(self.torch_threads >= 1, "runtime.torch_threads", self.torch_threads, "an integer >= 1 or null")
+            require(self.torch_threads >= 1, "runtime.torch_threads", self.torch_threads, "an integer >= 1 or null")
 
 
 @dataclass
@@ -408,7 +412,7 @@ class OutputConfig:
     progress: bool = _f(True, "show a progress bar over rounds")
 
     def __post_init__(self) -> None:
-        _check(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        require(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "an integer >= 0")
 
 
 ROBUST_RULE_NAMES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clipping")
@@ -438,15 +442,15 @@ class AggregationConfig:
     iters: int = _f(1, "centered_clipping: clipping iterations")
 
     def __post_init__(self) -> None:
-        _check(self.bucket_size >= 0, "aggregation.bucket_size", self.bucket_size, "an integer >= 0 (0 = off)")
-        _check(self.num_byzantine >= 0, "aggregation.num_byzantine", self.num_byzantine, "an integer >= 0")
-        _check(self.iters >= 1, "aggregation.iters", self.iters, "an integer >= 1")
-        _check(0 <= self.trim < 0.5 or (self.trim >= 1 and float(self.trim).is_integer()), "aggregation.trim",
+        require(self.bucket_size >= 0, "aggregation.bucket_size", self.bucket_size, "an integer >= 0 (0 = off)")
+        require(self.num_byzantine >= 0, "aggregation.num_byzantine", self.num_byzantine, "an integer >= 0")
+        require(self.iters >= 1, "aggregation.iters", self.iters, "an integer >= 1")
+        require(0 <= self.trim < 0.5 or (self.trim >= 1 and float(self.trim).is_integer()), "aggregation.trim",
                self.trim, "a fraction in [0, 0.5) or a whole count >= 1")
         if self.multi is not None:
-            _check(self.multi >= 1, "aggregation.multi", self.multi, "an integer >= 1 or null")
+            require(self.multi >= 1, "aggregation.multi", self.multi, "an integer >= 1 or null")
         if self.rule == "centered_clipping":
-            _check(self.tau is not None and self.tau > 0, "aggregation.tau", self.tau,
+            require(self.tau is not None and self.tau > 0, "aggregation.tau", self.tau,
                    "a clipping radius > 0 when aggregation.rule is centered_clipping (e.g. 1.0)")
 
     @property
@@ -474,10 +478,10 @@ class AttackConfig:
     noise_std: float = _f(1.0, "standard deviation of the noise added by kind=noise")
 
     def __post_init__(self) -> None:
-        _check(0 <= self.fraction < 1, "attack.fraction", self.fraction, "a fraction in [0, 1)")
-        _check(self.scale > 0, "attack.scale", self.scale, "a number > 0")
-        _check(self.noise_std >= 0, "attack.noise_std", self.noise_std, "a number >= 0")
-        _check(all(c >= 0 for c in self.clients), "attack.clients", self.clients, "client ids >= 0")
+        require(0 <= self.fraction < 1, "attack.fraction", self.fraction, "a fraction in [0, 1)")
+        require(self.scale > 0, "attack.scale", self.scale, "a number > 0")
+        require(self.noise_std >= 0, "attack.noise_std", self.noise_std, "a number >= 0")
+        require(all(c >= 0 for c in self.clients), "attack.clients", self.clients, "client ids >= 0")
         if self.kind == "scale" and self.scale == 1.0 and self.enabled:
             raise ConfigError("config key 'attack.scale': kind 'scale' with scale 1.0 sends honest updates; "
                               "set attack.scale (e.g. 10) or another attack.kind")
@@ -529,34 +533,32 @@ class FederationConfig:
     compare: list[str] = _f([], "run the same experiment for each of these algorithms (CLI and run_comparison)")
 
     def __post_init__(self) -> None:
-        _check(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
-        _check(0 < self.sample_fraction <= 1, "sample_fraction", self.sample_fraction, "a fraction in (0, 1]")
+        require(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
+        require(0 < self.sample_fraction <= 1, "sample_fraction", self.sample_fraction, "a fraction in (0, 1]")
         if self.sample_count is not None:
-            _check(1 <= self.sample_count <= self.data.num_clients, "sample_count", self.sample_count,
+            require(1 <= self.sample_count <= self.data.num_clients, "sample_count", self.sample_count,
                    f"an integer in [1, data.num_clients={self.data.num_clients}]")
-        _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
         for site, ids in self.runtime.sites.items():
             bad = [c for c in ids if c >= self.data.num_clients]
-            _check(not bad, f"runtime.sites.{site}", ids,
+            require(not bad, f"runtime.sites.{site}", ids,
                    f"client ids in [0, data.num_clients={self.data.num_clients}) (unknown: {bad})")
         if type(self.algorithm) is AlgorithmConfig:  # plain base: resolve to the algorithm's own config
             rest = {"private": list(self.algorithm.private)} if self.algorithm.private else {}
             self.algorithm = _algorithm_config(self.algorithm.name, rest, "algorithm")
         self._check_async_and_robust()
-        from rayfed.algorithms import available
         for i, name in enumerate(self.compare):
-            if name not in available():
-                _unknown_algorithm(name, f"compare[{i}]")
+            get_algorithm(name, key=f"compare[{i}]")
 
     def _check_async_and_robust(self) -> None:
         n = self.data.num_clients
         bad = [c for c in self.attack.clients if c >= n]
-        _check(not bad, "attack.clients", self.attack.clients, f"client ids in [0, data.num_clients={n})")
+        require(not bad, "attack.clients", self.attack.clients, f"client ids in [0, data.num_clients={n})")
         rt, a = self.runtime, self.runtime.asynchronous
         if rt.mode != "async":
             return
         if a.max_in_flight is not None:
-            _check(a.max_in_flight <= n, "runtime.asynchronous.max_in_flight", a.max_in_flight,
+            require(a.max_in_flight <= n, "runtime.asynchronous.max_in_flight", a.max_in_flight,
                    f"at most data.num_clients={n} (a client trains one update at a time)")
         if a.delays == "real" and rt.executor != "ray":
             raise ConfigError("config key 'runtime.asynchronous.delays': 'real' follows Ray's task completion "
@@ -608,20 +610,8 @@ def _diff_repr(obj: Any) -> str:
     return ", ".join(parts)
 
 
-def _unknown_algorithm(name: str, key: str) -> None:
-    from rayfed.algorithms import available
-    choices = available()
-    close = difflib.get_close_matches(str(name), choices, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"config key '{key}': unknown algorithm {name!r}{hint}; registered algorithms: "
-                      f"{', '.join(choices)}")
-
-
 def _algorithm_config(name: Any, rest: dict, key: str) -> AlgorithmConfig:
-    from rayfed.algorithms import available, get_algorithm
-    if not isinstance(name, str) or name not in available():
-        _unknown_algorithm(name, f"{key}.name")
-    cls = get_algorithm(name).config_class
+    cls = get_algorithm(name, key=f"{key}.name").config_class
     return _build(cls, {"name": name, **rest}, key)
 
 
@@ -643,9 +633,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
     if origin is Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"config key '{key}': got {value!r}{hint}; valid choices: "
+            raise ConfigError(f"config key '{key}': got {value!r}{did_you_mean(value, args)}; valid choices: "
                               f"{', '.join(repr(a) for a in args)}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -698,8 +686,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(k, names)
             where = f"section '{prefix}'" if prefix else "the top level"
             raise ConfigError(f"config key '{key}': unknown key{hint}; valid keys in {where}: {', '.join(names)}")
         kwargs[k] = _convert(hints[k], v, key)
@@ -725,7 +712,8 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _set(d: dict, dotted: str, value: Any) -> None:
+def set_key(d: dict, dotted: str, value: Any) -> None:
+    """Set ``d[a][b][c] = value`` for ``dotted='a.b.c'``, creating sections on the way."""
     parts = dotted.split(".")
     cur = d
     for p in parts[:-1]:
@@ -751,8 +739,13 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         if k == "algorithm.name" and isinstance(data.get("algorithm"), dict) and \
                 data["algorithm"].get("name") not in (None, v):
             data["algorithm"] = {}  # options of the old algorithm do not apply to the new one
-        _set(data, k, yaml.safe_load(v) if v != "" else "")
+        set_key(data, k, yaml.safe_load(v) if v != "" else "")
     return data
+
+
+def default_config_path() -> Path:
+    """The built-in experiment behind a bare ``rayfed run`` (``rayfed/configs/default.yaml``)."""
+    return Path(str(resources.files("rayfed") / "configs" / "default.yaml"))
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -778,4 +771,4 @@ def dump_config(cfg: FederationConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ += ["dump_config", "read_config_file"]
+__all__ += ["default_config_path", "dump_config", "read_config_file", "require", "set_key"]

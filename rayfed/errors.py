@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "ConfigError"]
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["ClientError", "ConfigError", "did_you_mean"]
+
+
+def did_you_mean(value: object, choices: Iterable[object]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``value``, or an empty string.
+
+    The one place the hint of every "unknown name" error is made.
+
+    Example:
+        >>> did_you_mean("fedpr", ["fedavg", "fedper"])
+        " (did you mean 'fedper'?)"
+    """
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class ConfigError(ValueError):

@@ -25,7 +25,7 @@ import torch
 
 from rayfed.errors import ConfigError
 
-__all__ = ["Role", "RoleMap", "Selector", "assign_roles", "select"]
+__all__ = ["SERVER_HELD", "TRAINED", "UPLOADABLE", "Role", "RoleMap", "Selector", "assign_roles", "select"]
 
 
 class Role(str, Enum):
@@ -42,10 +42,12 @@ class Role(str, Enum):
         return f"Role.{self.name}"
 
 
-#: Roles whose values clients upload to the server.
-UPLOADED = frozenset({Role.SHARED, Role.MASKED, Role.TIERED})
-#: Roles whose values the server sends to clients.
-DOWNLOADED = frozenset({Role.SHARED, Role.MASKED, Role.TIERED, Role.GENERATED})
+#: Roles of the tensors the server holds, aggregates (each key over the clients that hold it) and
+#: sends back: the server's weights.
+SERVER_HELD = frozenset({Role.SHARED, Role.MASKED, Role.TIERED})
+#: Roles whose values may leave a client: the server's weights, and generated tensors (which go back
+#: to their generator on the server, e.g. FedTP's hypernetwork, and are never averaged).
+UPLOADABLE = SERVER_HELD | {Role.GENERATED}
 #: Roles a client trains locally.
 TRAINED = frozenset({Role.SHARED, Role.PRIVATE, Role.GENERATED, Role.MASKED, Role.TIERED})
 
@@ -77,28 +79,12 @@ class RoleMap:
         wanted = set(roles)
         return [k for k, r in self.roles.items() if r in wanted]
 
-    def uploaded(self) -> list[str]:
-        """Keys a client may send to the server."""
-        return [k for k, r in self.roles.items() if r in UPLOADED]
-
     def counts(self) -> dict[str, int]:
         """Number of keys per role (roles with none omitted)."""
         out: dict[str, int] = {}
         for r in self.roles.values():
             out[r.value] = out.get(r.value, 0) + 1
         return out
-
-    def replace(self, updates: Mapping[str, Role]) -> RoleMap:
-        """A copy with some keys' roles changed; unknown keys are an error."""
-        unknown = [k for k in updates if k not in self.roles]
-        if unknown:
-            raise KeyError(f"not parameters of this model: {unknown[:5]}")
-        return RoleMap({**self.roles, **updates})
-
-    def numel(self, model: torch.nn.Module, *roles: Role) -> int:
-        """Number of scalars in the tensors holding ``roles``."""
-        sd = model.state_dict()
-        return sum(sd[k].numel() for k in self.names(*roles))
 
 
 #: Substrings of PEFT adapter parameter names (LoRA, IA3, LoHa/LoKr, prompt and prefix tuning).

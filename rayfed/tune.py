@@ -48,14 +48,15 @@ import yaml
 
 from rayfed.config import (
     FederationConfig,
-    _set,
     apply_overrides,
+    default_config_path,
     dump_config,
     from_dict,
     read_config_file,
+    set_key,
     to_dict,
 )
-from rayfed.errors import ConfigError
+from rayfed.errors import ConfigError, did_you_mean
 
 __all__ = [
     "SAMPLERS",
@@ -178,7 +179,7 @@ class SearchSpace:
             data["algorithm"] = {"name": self.algorithm}  # options of another method do not apply
         data["compare"] = []
         for k, v in self.fixed.items():
-            _set(data, k, copy.deepcopy(v))
+            set_key(data, k, copy.deepcopy(v))
         out = data.setdefault("output", {})
         out.update(plots=False, progress=False)
         from_dict(data)  # fail before any trial starts
@@ -191,9 +192,7 @@ def _base_data(base_config: Union[FederationConfig, Mapping, str, Path, None]) -
     if isinstance(base_config, Mapping):
         return copy.deepcopy(dict(base_config))
     if base_config is None:  # the built-in experiment, evaluated every round so schedulers can compare
-        from rayfed.cli import _default_config_path
-
-        data = read_config_file(_default_config_path())
+        data = read_config_file(default_config_path())
         data["eval_every"] = 1
         return data
     return read_config_file(base_config)
@@ -267,10 +266,7 @@ def _check_key(key: str, algorithm: str, where: str) -> None:
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
-            import difflib
-
-            close = difflib.get_close_matches(part, list(fields), n=1)
-            hint = f" (did you mean {'.'.join([*path, close[0]])!r}?)" if close else ""
+            hint = did_you_mean(".".join([*path, part]), [".".join([*path, f]) for f in fields])
             raise ConfigError(f"{where}: unknown config key{hint}; valid keys under "
                               f"'{'.'.join(path) or 'the top level'}': {', '.join(fields)}")
         path.append(part)
@@ -385,12 +381,8 @@ def _validate(sp: SearchSpace, base_config: Union[FederationConfig, Mapping, str
 
     label = sp.source or "search space"
     if sp.algorithm not in available():
-        import difflib
-
-        close = difflib.get_close_matches(str(sp.algorithm), available(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{label}: algorithm {sp.algorithm!r} is not registered{hint}; registered: "
-                          f"{', '.join(available())}")
+        raise ConfigError(f"{label}: algorithm {sp.algorithm!r} is not registered"
+                          f"{did_you_mean(sp.algorithm, available())}; registered: {', '.join(available())}")
     if sp.metric not in TUNE_METRICS:
         raise ConfigError(f"{label}: metric {sp.metric!r} is not reported by trials; use one of "
                           f"{', '.join(TUNE_METRICS)}")
@@ -406,7 +398,7 @@ def _validate(sp: SearchSpace, base_config: Union[FederationConfig, Mapping, str
     for k, spec in sp.space.items():
         for v in _candidates(spec):
             d = copy.deepcopy(base)
-            _set(d, k, v)
+            set_key(d, k, v)
             try:
                 from_dict(d)
             except ConfigError as e:
@@ -422,7 +414,7 @@ def merge_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
     """A trial's config mapping: ``base`` with each dotted key of ``params`` set (Tune values made plain)."""
     d = copy.deepcopy(dict(base))
     for k, v in params.items():
-        _set(d, k, _native(v))
+        set_key(d, k, _native(v))
     return d
 
 

@@ -224,9 +224,9 @@ class _KillsItsActor(FedAvg):  # registered only inside its test (see _only_here
 def _only_here(monkeypatch, cls) -> None:
     """Register ``cls`` for one test: registry-wide checks (every algorithm asynchronously, in this
     process) must not pick up an algorithm that kills or stalls the process it runs in."""
-    from rayfed import algorithms
+    from rayfed import registry
 
-    monkeypatch.setitem(algorithms._REGISTRY, cls.name, cls)
+    monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
 
 
 def _executor(cfg):

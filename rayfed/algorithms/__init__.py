@@ -1,4 +1,4 @@
-"""Algorithm registry: one module per method, one registration line each.
+"""The algorithms: one module per method, registered by name in :mod:`rayfed.registry`.
 
 Example:
     >>> from rayfed.algorithms import available, get_algorithm
@@ -7,8 +7,6 @@ Example:
 """
 
 from __future__ import annotations
-
-import difflib
 
 from rayfed.algorithms.base import (
     Aggregator,
@@ -19,7 +17,7 @@ from rayfed.algorithms.base import (
     MeanAggregator,
     ServerState,
 )
-from rayfed.errors import ConfigError
+from rayfed.registry import available, get_algorithm, register_algorithm
 
 __all__ = [
     "Aggregator",
@@ -34,32 +32,6 @@ __all__ = [
     "get_algorithm",
     "register_algorithm",
 ]
-
-_REGISTRY: dict[str, type[Algorithm]] = {}
-
-
-def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    """Register an :class:`Algorithm` subclass under ``cls.name`` (usable as a decorator)."""
-    if not cls.name or cls.name == "base":
-        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available() -> list[str]:
-    """Registered algorithm names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get_algorithm(name: str) -> type[Algorithm]:
-    """The algorithm class registered as ``name``; the error lists the registered names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), available(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown algorithm {name!r}{hint}; registered algorithms: "
-                          f"{', '.join(available())}") from None
 
 
 def create(config) -> Algorithm:

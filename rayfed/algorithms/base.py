@@ -24,7 +24,7 @@ from rayfed.aggregate import PackedTensors, StreamingMean
 from rayfed.config import AlgorithmConfig, TrainConfig
 from rayfed.data.info import ClientData
 from rayfed.models.views import tensors
-from rayfed.roles import Role, RoleMap, assign_roles
+from rayfed.roles import SERVER_HELD, TRAINED, Role, RoleMap, assign_roles
 
 __all__ = [
     "Aggregator",
@@ -37,8 +37,6 @@ __all__ = [
     "to_numpy",
 ]
 
-#: Roles a client may upload (generated tensors go back to their own server-side generator only).
-UPLOADABLE = frozenset({Role.SHARED, Role.MASKED, Role.TIERED, Role.GENERATED})
 #: Prefix for upload entries that are not model tensors (e.g. a mask or an embedding gradient).
 AUX = "aux/"
 
@@ -209,7 +207,7 @@ class Algorithm:
     def init_server(self, model: torch.nn.Module, roles: RoleMap, client_sizes: Mapping[int, int],
                     seed: int) -> ServerState:
         sd = tensors(model)
-        keys = roles.names(Role.SHARED, Role.MASKED, Role.TIERED)
+        keys = roles.names(*SERVER_HELD)
         return ServerState({k: to_numpy(sd[k]) for k in keys},
                            {"client_sizes": dict(client_sizes)}, 0)
 
@@ -247,7 +245,7 @@ class Algorithm:
 
     def trained_names(self, roles: RoleMap) -> list[str]:
         """Parameters a client trains in ``local_update`` by default."""
-        return roles.names(Role.SHARED, Role.PRIVATE, Role.GENERATED, Role.MASKED, Role.TIERED)
+        return roles.names(*TRAINED)
 
     def local_update(self, ctx: ClientContext) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train locally; return the tensors to upload and metrics. Default: train every trainable
@@ -262,7 +260,7 @@ class Algorithm:
     def upload(self, ctx: ClientContext) -> Mapping[str, np.ndarray]:
         """Copies of the shared (and masked, tiered) tensors: one buffer when they share a dtype."""
         sd = tensors(ctx.model)
-        return pack_numpy([(k, sd[k]) for k in ctx.roles.names(Role.SHARED, Role.MASKED, Role.TIERED)])
+        return pack_numpy([(k, sd[k]) for k in ctx.roles.names(*SERVER_HELD)])
 
     def save_client_state(self, ctx: ClientContext) -> None:
         """After training: keep the private tensors in the client's state."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rayfed.algorithms.base import Algorithm, ClientContext
-from rayfed.config import AlgorithmConfig, _check
+from rayfed.config import AlgorithmConfig, require
 from rayfed.roles import Role
 
 __all__ = ["FedAvg", "FedAvgConfig", "FedAvgFT", "FedAvgFTConfig", "FedPer", "FedPerConfig"]
@@ -31,8 +31,8 @@ class FedAvgConfig(AlgorithmConfig):
         "help": "selectors of tensors kept private: 'preset:head', 'preset:input', 'type:Linear' or a regex"})
 
     def __post_init__(self) -> None:
-        _check(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
-        _check(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum,
+        require(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
+        require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum,
                "a number in [0, 1)")
 
 
@@ -53,7 +53,7 @@ class FedAvgFTConfig(FedAvgConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.finetune_epochs > 0, "algorithm.finetune_epochs", self.finetune_epochs, "a number > 0")
+        require(self.finetune_epochs > 0, "algorithm.finetune_epochs", self.finetune_epochs, "a number > 0")
 
 
 class FedAvgFT(FedAvg):

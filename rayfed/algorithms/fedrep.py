@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rayfed.algorithms.base import ClientContext
 from rayfed.algorithms.fedavg import FedPer, FedPerConfig
-from rayfed.config import _check
+from rayfed.config import require
 from rayfed.roles import Role
 
 __all__ = ["FedRep", "FedRepConfig"]
@@ -26,7 +26,7 @@ class FedRepConfig(FedPerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.head_epochs > 0, "algorithm.head_epochs", self.head_epochs, "a number > 0")
+        require(self.head_epochs > 0, "algorithm.head_epochs", self.head_epochs, "a number > 0")
 
 
 class FedRep(FedPer):

@@ -83,7 +83,7 @@ from rayfed.algorithms.base import (
     ServerState,
     to_numpy,
 )
-from rayfed.config import AlgorithmConfig, TrainConfig, _check
+from rayfed.config import AlgorithmConfig, TrainConfig, require
 from rayfed.data.info import ClientData, DatasetInfo
 from rayfed.errors import ConfigError
 from rayfed.roles import Role, RoleMap
@@ -165,24 +165,24 @@ class FedTPConfig(AlgorithmConfig):
     server_momentum: float = field(default=0.0, metadata={"help": "server momentum on the shared tensors"})
 
     def __post_init__(self) -> None:
-        _check(self.payload_batch >= 1, "algorithm.payload_batch", self.payload_batch, "an integer >= 1")
-        _check(self.embedding_dim >= 1, "algorithm.embedding_dim", self.embedding_dim, "an integer >= 1")
-        _check(self.hypernet_hidden >= 1, "algorithm.hypernet_hidden", self.hypernet_hidden, "an integer >= 1")
-        _check(self.hypernet_layers >= 0, "algorithm.hypernet_layers", self.hypernet_layers, "an integer >= 0")
-        _check(self.head_rank >= 1, "algorithm.head_rank", self.head_rank, "an integer >= 1")
-        _check(self.hypernet_lr > 0, "algorithm.hypernet_lr", self.hypernet_lr, "a learning rate > 0 (e.g. 0.003)")
-        _check(0 <= self.hypernet_momentum < 1, "algorithm.hypernet_momentum", self.hypernet_momentum,
+        require(self.payload_batch >= 1, "algorithm.payload_batch", self.payload_batch, "an integer >= 1")
+        require(self.embedding_dim >= 1, "algorithm.embedding_dim", self.embedding_dim, "an integer >= 1")
+        require(self.hypernet_hidden >= 1, "algorithm.hypernet_hidden", self.hypernet_hidden, "an integer >= 1")
+        require(self.hypernet_layers >= 0, "algorithm.hypernet_layers", self.hypernet_layers, "an integer >= 0")
+        require(self.head_rank >= 1, "algorithm.head_rank", self.head_rank, "an integer >= 1")
+        require(self.hypernet_lr > 0, "algorithm.hypernet_lr", self.hypernet_lr, "a learning rate > 0 (e.g. 0.003)")
+        require(0 <= self.hypernet_momentum < 1, "algorithm.hypernet_momentum", self.hypernet_momentum,
                "a number in [0, 1)")
-        _check(self.hypernet_weight_decay >= 0, "algorithm.hypernet_weight_decay", self.hypernet_weight_decay,
+        require(self.hypernet_weight_decay >= 0, "algorithm.hypernet_weight_decay", self.hypernet_weight_decay,
                "a number >= 0")
         if self.hypernet_grad_clip is not None:
-            _check(self.hypernet_grad_clip > 0, "algorithm.hypernet_grad_clip", self.hypernet_grad_clip,
+            require(self.hypernet_grad_clip > 0, "algorithm.hypernet_grad_clip", self.hypernet_grad_clip,
                    "a number > 0 or null")
-        _check(self.holdout_clients >= 0, "algorithm.holdout_clients", self.holdout_clients, "an integer >= 0")
-        _check(self.personalize_epochs > 0, "algorithm.personalize_epochs", self.personalize_epochs, "a number > 0")
-        _check(self.personalize_lr > 0, "algorithm.personalize_lr", self.personalize_lr, "a number > 0")
-        _check(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
-        _check(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum, "a number in [0, 1)")
+        require(self.holdout_clients >= 0, "algorithm.holdout_clients", self.holdout_clients, "an integer >= 0")
+        require(self.personalize_epochs > 0, "algorithm.personalize_epochs", self.personalize_epochs, "a number > 0")
+        require(self.personalize_lr > 0, "algorithm.personalize_lr", self.personalize_lr, "a number > 0")
+        require(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
+        require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum, "a number in [0, 1)")
         _check_patterns(self.attention_patterns, "algorithm.attention_patterns")
 
 
@@ -200,8 +200,8 @@ class PersonalizedTConfig(AlgorithmConfig):
     server_momentum: float = field(default=0.0, metadata={"help": "server momentum on the shared tensors"})
 
     def __post_init__(self) -> None:
-        _check(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
-        _check(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum, "a number in [0, 1)")
+        require(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
+        require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum, "a number in [0, 1)")
         _check_patterns(self.attention_patterns, "algorithm.attention_patterns")
 
 

@@ -36,7 +36,7 @@ import torch
 
 from rayfed.aggregate import StreamingMean
 from rayfed.algorithms.base import AUX, Algorithm, ClientContext, ClientState, ClientUpdate, ServerState, to_numpy
-from rayfed.config import AlgorithmConfig, _check
+from rayfed.config import AlgorithmConfig, require
 from rayfed.errors import ConfigError
 from rayfed.roles import Role, RoleMap
 
@@ -80,19 +80,19 @@ class FFGGConfig(AlgorithmConfig):
         if not self.private:
             raise ConfigError("config key 'algorithm.private': ffgg needs at least one private selector, got []; "
                               "e.g. ['preset:head'] (or use algorithm.name=fedavg)")
-        _check(self.tau >= 0, "algorithm.tau", self.tau, "an integer >= 0")
-        _check(self.local_steps >= 1, "algorithm.local_steps", self.local_steps, "an integer >= 1")
+        require(self.tau >= 0, "algorithm.tau", self.tau, "an integer >= 0")
+        require(self.local_steps >= 1, "algorithm.local_steps", self.local_steps, "an integer >= 1")
         for k in ("inner_lr", "shared_lr"):
             v = getattr(self, k)
             if v is not None:
-                _check(v > 0, f"algorithm.{k}", v, "a learning rate > 0 or null")
+                require(v > 0, f"algorithm.{k}", v, "a learning rate > 0 or null")
         if self.grad_batches is not None:
-            _check(self.grad_batches >= 1, "algorithm.grad_batches", self.grad_batches, "an integer >= 1 or null")
-        _check(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
-        _check(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum, "a number in [0, 1)")
-        _check(len(self.server_betas) == 2 and all(0 <= b < 1 for b in self.server_betas), "algorithm.server_betas",
+            require(self.grad_batches >= 1, "algorithm.grad_batches", self.grad_batches, "an integer >= 1 or null")
+        require(self.server_lr > 0, "algorithm.server_lr", self.server_lr, "a number > 0")
+        require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum, "a number in [0, 1)")
+        require(len(self.server_betas) == 2 and all(0 <= b < 1 for b in self.server_betas), "algorithm.server_betas",
                self.server_betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
-        _check(self.server_eps > 0, "algorithm.server_eps", self.server_eps, "a number > 0")
+        require(self.server_eps > 0, "algorithm.server_eps", self.server_eps, "a number > 0")
 
 
 def server_step(weights: Mapping[str, np.ndarray], grad: Mapping[str, np.ndarray], opt_state: Mapping,

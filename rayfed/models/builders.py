@@ -32,7 +32,7 @@ from rayfed.config import ModelConfig
 from rayfed.data.info import DatasetInfo
 from rayfed.errors import ConfigError
 
-__all__ = ["LinearModel", "MLPClassifier", "ModelFactory", "build_model", "forward_logits"]
+__all__ = ["LinearModel", "MLPClassifier", "ModelFactory", "build_model", "forward_logits", "unwrap_model"]
 
 ModelFactory = Callable[[DatasetInfo], nn.Module]
 """Any callable ``factory(info) -> nn.Module``; accepted by :func:`build_model` in place of a config."""
@@ -323,7 +323,7 @@ def _check_pretrained_fits(hf_config: Any, info: DatasetInfo, path: str) -> None
                               f"the data's feature_shape is {list(shape)}; resize the images")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The innermost model under PEFT, torch.compile and (Distributed)DataParallel wrappers."""
     seen = set()
     while id(model) not in seen:
@@ -344,7 +344,7 @@ def _main_input_name(model: nn.Module) -> str | None:
     if transformers is None:  # not imported, so the model is not one of its classes (and importing costs ~2 s)
         return None
     PreTrainedModel = transformers.PreTrainedModel  # noqa: N806
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if isinstance(inner, PreTrainedModel):
         return str(inner.main_input_name)
     return None

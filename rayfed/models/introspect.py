@@ -132,9 +132,9 @@ def _params_under(model: nn.Module, module_name: str) -> list[str]:
 
 def _unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
     """The innermost model under PEFT/compile/DataParallel wrappers and its module-name prefix."""
-    from rayfed.models.builders import _unwrap
+    from rayfed.models.builders import unwrap_model
 
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if inner is model:
         return model, ""
     name = _module_names(model).get(id(inner))

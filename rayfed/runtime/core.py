@@ -21,13 +21,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from rayfed.algorithms.base import AUX, UPLOADABLE, Algorithm, ClientContext, ClientState, ClientUpdate
+from rayfed.algorithms.base import AUX, Algorithm, ClientContext, ClientState, ClientUpdate
 from rayfed.config import FederationConfig
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.models import build_model
 from rayfed.models.views import tensors
 from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
-from rayfed.roles import Role, RoleMap
+from rayfed.roles import UPLOADABLE, Role, RoleMap
 from rayfed.training import warm_up
 
 __all__ = ["ClientCohort", "ClientFailure", "CohortSpec", "ServerCore", "client_seed"]
@@ -335,9 +335,6 @@ class ServerCore:
         self.received = set(raw["received"])
         self.bytes_received = raw["bytes_received"]
         return self.state.round
-
-    def get_state(self):
-        return self.state
 
 
 @dataclass

@@ -319,7 +319,7 @@ class ServerActor:
     def load(self, path: str) -> int:
         return self.core.load(path)
 
-    def get_state(self):
+    def state(self):
         return self.core.state
 
     def placement_group_id(self) -> Optional[str]:
@@ -597,7 +597,7 @@ class RayExecutor(Executor):
         return ray.get(self.server.received_names.remote())
 
     def server_state(self):
-        return ray.get(self.server.get_state.remote())
+        return ray.get(self.server.state.remote())
 
     def actor_nodes(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors])
