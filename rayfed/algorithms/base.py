@@ -97,6 +97,10 @@ class ClientUpdate:
     tensors: dict[str, np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def report(self) -> dict:
+        """The metadata the driver records for this update: ``client_id`` and the metrics."""
+        return {"client_id": self.client_id, **self.metrics}
+
     @property
     def nbytes(self) -> int:
         packed = getattr(self.tensors, "nbytes", None)  # PackedTensors: one buffer

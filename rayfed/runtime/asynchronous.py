@@ -35,7 +35,6 @@ first). In-flight work is not checkpointed: a resumed run starts new clients.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +46,8 @@ from rayfed.algorithms.base import ClientUpdate
 from rayfed.config import FederationConfig
 from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientFailure, RoundOutcome
-from rayfed.runtime.executor import Executor, LocalExecutor, _error, _update_row
+from rayfed.runtime.executor import Executor, LocalExecutor
+from rayfed.runtime.policy import FailurePolicy
 
 __all__ = ["AsyncBackend", "AsyncDriver", "LocalAsyncBackend", "staleness_scale"]
 
@@ -94,7 +94,7 @@ class LocalAsyncBackend:
     def collect(self, token: int, client_id: int, round: int) -> tuple[ClientUpdate | ClientError, Any]:
         res = self._done.pop(token)
         if isinstance(res, ClientFailure):
-            return _error(res), None
+            return res.to_error(), None
         return res, res
 
     def apply(self, round: int, handles: list[Any], scales: list[float]) -> dict[str, float]:
@@ -123,6 +123,7 @@ class AsyncDriver(Executor):
     def __init__(self, inner: Executor, backend: AsyncBackend, cfg: FederationConfig,
                  client_ids: Sequence[int]) -> None:
         self.inner, self.backend, self.cfg = inner, backend, cfg
+        self.policy = FailurePolicy(cfg.runtime)
         a = cfg.runtime.asynchronous
         self.opts = a
         self.k = cfg.clients_per_round()
@@ -203,7 +204,12 @@ class AsyncDriver(Executor):
             meta, handle = self.backend.collect(job.token, job.client_id, round)
             if isinstance(meta, ClientError):
                 failures.append(meta)
-                self._enforce_async(round, len(rows), failures)
+                attempts = len(rows) + len(failures)
+                # raise at once, or when a round's worth of attempts already lost the quorum (failed
+                # clients are replaced by new ones, so without this a run whose clients all fail never ends)
+                if self.policy.mode == "raise" or (attempts >= self.k and
+                                                   not self.policy.survives(attempts, len(failures))):
+                    self.policy.enforce(attempts, failures, "train")
                 continue
             self.received += 1
             stale = self.version - job.version
@@ -212,13 +218,13 @@ class AsyncDriver(Executor):
             meta.metrics.update(staleness=float(stale), step_scale=scale,
                                 arrival_time=self.clock if self.opts.delays == "simulated"
                                 else time.perf_counter() - t0)
-            rows.append(_update_row(meta))
+            rows.append(meta.report())
             self.buffer.append((handle, scale))
             if len(self.buffer) >= self.opts.buffer_size or self.received >= self.budget:
                 server = self._apply(round)
                 steps += 1
                 agg_seconds += float(server.get("aggregate_seconds", 0.0))
-        self._enforce_async(round, len(rows), failures, final=True)
+        self.policy.enforce(len(rows) + len(failures), failures, "train")
         elapsed = time.perf_counter() - t0
         metrics = {**server, "aggregate_seconds": agg_seconds, "updates": float(len(rows)), "steps": float(steps),
                    "staleness_mean": float(np.mean(staleness)) if staleness else float("nan"),
@@ -228,23 +234,6 @@ class AsyncDriver(Executor):
         if self.opts.delays == "simulated":
             metrics["virtual_time"] = self.clock
         return RoundOutcome(rows, failures, metrics)
-
-    def _enforce_async(self, round: int, ok: int, failures: list[ClientError], final: bool = False) -> None:
-        """The failure policy over one asynchronous round's attempts (raise, or a lost quorum)."""
-        if not failures:
-            return
-        if self.cfg.runtime.on_client_failure == "raise":
-            raise failures[0]
-        attempts = ok + len(failures)
-        if not final and attempts < self.k:
-            return
-        needed = math.ceil(self.cfg.runtime.min_quorum * attempts)
-        if ok < needed:
-            first = failures[0]
-            raise ClientError(first.client_id, first.round, first.stage,
-                              f"{first.detail}\n{len(failures)} of {attempts} asynchronous client updates failed in "
-                              f"round {round}; the quorum runtime.min_quorum={self.cfg.runtime.min_quorum} needs "
-                              f"{needed}") from first
 
     def evaluate(self, round: int, client_ids: list[int]):
         return self.inner.evaluate(round, client_ids)

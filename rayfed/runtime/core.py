@@ -24,6 +24,7 @@ import torch
 from rayfed.algorithms.base import AUX, Algorithm, ClientContext, ClientState, ClientUpdate
 from rayfed.config import FederationConfig
 from rayfed.data import DatasetInfo, FederatedDataset
+from rayfed.errors import ClientError
 from rayfed.models import build_model
 from rayfed.models.views import tensors
 from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
@@ -49,6 +50,10 @@ class ClientFailure:
     round: int
     stage: str
     detail: str
+
+    def to_error(self) -> ClientError:
+        """The :class:`~rayfed.errors.ClientError` this failure is reported as."""
+        return ClientError(self.client_id, self.round, self.stage, self.detail)
 
 
 @dataclass

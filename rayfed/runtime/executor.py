@@ -9,64 +9,34 @@ seed gives identical results on either.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from rayfed.algorithms.base import Algorithm, ClientUpdate
+from rayfed.algorithms.base import Algorithm
 from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
+from rayfed.runtime.policy import FailurePolicy
 
-__all__ = ["Executor", "LocalExecutor", "make_executor", "round_survives"]
-
-log = logging.getLogger("rayfed")
-
-
-def _error(f: ClientFailure) -> ClientError:
-    return ClientError(f.client_id, f.round, f.stage, f.detail)
-
-
-def round_survives(cfg: FederationConfig, num_sampled: int, num_failed: int) -> bool:
-    """Whether a round with ``num_failed`` of ``num_sampled`` clients failed may go on (be aggregated)
-    under ``runtime.on_client_failure`` and ``runtime.min_quorum``.
-    """
-    if num_failed == 0:
-        return True
-    if cfg.runtime.on_client_failure == "raise":
-        return False
-    return num_sampled - num_failed >= math.ceil(cfg.runtime.min_quorum * num_sampled)
+__all__ = ["Executor", "LocalExecutor", "make_executor"]
 
 
 class Executor:
     """Shared round logic; subclasses move the data."""
 
     cfg: FederationConfig
+    policy: FailurePolicy
 
     def _split(self, results: Sequence[Any]) -> tuple[list[Any], list[ClientError]]:
         ok, failed = [], []
         for r in results:
-            (failed.append(_error(r)) if isinstance(r, ClientFailure) else ok.append(r))
+            (failed.append(r.to_error()) if isinstance(r, ClientFailure) else ok.append(r))
         return ok, failed
 
     def _enforce(self, round: int, sampled: Sequence[int], failures: list[ClientError], stage: str) -> None:
-        """Raise per the failure policy: any failure with ``raise``; a lost quorum always."""
-        if not failures:
-            return
-        for f in failures:
-            log.warning("%s", f)
-        if self.cfg.runtime.on_client_failure == "raise":
-            raise failures[0]
-        needed = math.ceil(self.cfg.runtime.min_quorum * len(sampled))
-        if not round_survives(self.cfg, len(sampled), len(failures)):
-            first = failures[0]
-            raise ClientError(first.client_id, first.round, first.stage,
-                              f"{first.detail}\n{len(failures)} of {len(sampled)} clients failed in {stage}; "
-                              f"the quorum runtime.min_quorum={self.cfg.runtime.min_quorum} needs {needed}") \
-                from first
+        self.policy.enforce(len(sampled), failures, stage)
 
     def train_round(self, round: int, client_ids: list[int]) -> RoundOutcome:
         raise NotImplementedError
@@ -93,16 +63,13 @@ class Executor:
         pass
 
 
-def _update_row(u: ClientUpdate) -> dict:
-    return {"client_id": u.client_id, **u.metrics}
-
-
 class LocalExecutor(Executor):
     """Everything in this process: one server, one cohort holding every client."""
 
     def __init__(self, cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
                  model_factory: Optional[Callable] = None) -> None:
         self.cfg = cfg
+        self.policy = FailurePolicy(cfg.runtime)
         self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory)
         self.cohort = ClientCohort(CohortSpec(cfg, algorithm, list(dataset.client_ids), model_factory,
                                               dataset=dataset))
@@ -115,7 +82,7 @@ class LocalExecutor(Executor):
         ok, failed = self._split(self.cohort.train(round, client_ids, b, p))
         self._enforce(round, client_ids, failed, "train")
         server = self.server.aggregate(round, sorted(ok, key=lambda u: u.client_id))
-        return RoundOutcome([_update_row(u) for u in ok], failed, server)
+        return RoundOutcome([u.report() for u in ok], failed, server)
 
     def evaluate(self, round: int, client_ids: list[int]):
         b, p = self._payload(round, client_ids)

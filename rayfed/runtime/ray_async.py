@@ -20,8 +20,7 @@ from ray.exceptions import RayError
 from rayfed.algorithms.base import ClientUpdate
 from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientFailure
-from rayfed.runtime.executor import _error
-from rayfed.runtime.ray_executor import RayExecutor, _cause
+from rayfed.runtime.ray_executor import RayExecutor, cause_text
 
 __all__ = ["RayAsyncBackend"]
 
@@ -48,9 +47,9 @@ class RayAsyncBackend:
         try:
             res = ray.get(token)
         except RayError as e:  # the actor died or the call failed outside the client's own code
-            return ClientError(client_id, round, "train", _cause(e)), None
+            return ClientError(client_id, round, "train", cause_text(e)), None
         if isinstance(res, ClientFailure):
-            return _error(res), None
+            return res.to_error(), None
         meta, ref = res
         return meta, (meta, ref)
 

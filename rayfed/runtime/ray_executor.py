@@ -36,11 +36,12 @@ from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
-from rayfed.runtime.executor import Executor, _update_row, round_survives
+from rayfed.runtime.executor import Executor
 from rayfed.runtime.placement import Workload, plan_for_bundles, plan_for_cluster
+from rayfed.runtime.policy import FailurePolicy
 from rayfed.sampling import client_cost, sampling_schedule
 
-__all__ = ["ClientActor", "RayExecutor", "ServerActor", "ray_session", "warm_actors"]
+__all__ = ["ClientActor", "RayExecutor", "ServerActor", "cause_text", "ray_session", "warm_actors"]
 
 log = logging.getLogger("rayfed")
 
@@ -227,7 +228,7 @@ class _ChunkStream:
             detail = f"not done within runtime.round_timeout_s={self.timeout_s}"
             return {c: ClientFailure(c, self.round, "timeout", detail) for c in ids}, None
         except RayError as e:  # the actor died, or the call failed outside the clients' own code
-            detail = _cause(e)
+            detail = cause_text(e)
             return {c: ClientFailure(c, self.round, "train", detail) for c in ids}, None
         finally:
             self.wait_seconds += time.perf_counter() - t0
@@ -268,6 +269,7 @@ class ServerActor:
         """
         self.core = None
         self.core = ServerCore(*args)
+        self.policy = FailurePolicy(self.core.cfg.runtime)
         nbytes = lambda d: int(sum(getattr(v, "nbytes", 0) for v in d.values()))  # noqa: E731
         probe = self.core.payloads(0, [payload_probe]).get(payload_probe, {}) if payload_probe is not None else {}
         return nbytes(self.core.broadcast(0)), nbytes(probe)
@@ -295,7 +297,7 @@ class ServerActor:
         """
         stream = _ChunkStream(round, chunks, timeout_s)
         server = self.core.aggregate(
-            round, stream, commit=lambda: round_survives(self.core.cfg, num_sampled, len(stream.failures)))
+            round, stream, commit=lambda: self.policy.survives(num_sampled, len(stream.failures)))
         # aggregate_seconds: the server's own work, without the time it waited for chunks to train
         server["aggregate_seconds"] = max(0.0, server["aggregate_seconds"] - stream.wait_seconds)
         server["wait_seconds"] = stream.wait_seconds
@@ -386,6 +388,7 @@ class RayExecutor(Executor):
             raise RuntimeError("RayExecutor needs a connected Ray; use rayfed.Federation, which joins or "
                                "starts one, or call ray.init() first")
         self.cfg = cfg
+        self.policy = FailurePolicy(cfg.runtime)
         # the base hook sends nothing: skip that server call (it sits on every round's critical path)
         self._has_payloads = type(algorithm).payloads is not Algorithm.payloads
         # the base broadcast is the server weights whatever the round: one object serves every call
@@ -446,12 +449,12 @@ class RayExecutor(Executor):
                 ray.get(ref)
             except RayError as e:
                 self.close(reuse=False)
-                raise ClientError(self.groups[i][0], -1, "setup", _cause(e)) from e
+                raise ClientError(self.groups[i][0], -1, "setup", cause_text(e)) from e
         try:
             self._bytes_per_client, self._payload_bytes = map(float, ray.get(server_ready))
         except RayError as e:
             self.close(reuse=False)
-            raise RuntimeError(f"the server actor failed to start: {_cause(e)}") from e
+            raise RuntimeError(f"the server actor failed to start: {cause_text(e)}") from e
 
     # -- helpers -------------------------------------------------------------------------------
     def _by_actor(self, client_ids: list[int]) -> list[tuple[int, list[int]]]:
@@ -539,7 +542,7 @@ class RayExecutor(Executor):
             try:
                 res = ray.get(ref)
             except RayError as e:
-                failures += [ClientError(c, round, method, _cause(e)) for c in ids]
+                failures += [ClientError(c, round, method, cause_text(e)) for c in ids]
             else:
                 ok, failed = self._split(res)
                 out += ok
@@ -563,7 +566,7 @@ class RayExecutor(Executor):
             report = ray.get(report_ref)
         except RayError as e:
             self._bcast = None
-            raise RuntimeError(f"the server actor failed in round {round} (stage aggregate): {_cause(e)}") from e
+            raise RuntimeError(f"the server actor failed in round {round} (stage aggregate): {cause_text(e)}") from e
         self._bcast = (round + 1, next_b)
         metas: list[ClientUpdate] = report["metas"]
         failed = [ClientError(f.client_id, f.round, f.stage, f.detail) for f in report["failures"]]
@@ -571,7 +574,7 @@ class RayExecutor(Executor):
         if metas:
             self._bytes_per_client = max(m.metrics.get("bytes_up", 0) for m in metas)
             self._agg_per_client = report["server"].get("aggregate_seconds", 0.0) / len(metas)
-        return RoundOutcome([_update_row(m) for m in metas], failed, report["server"])
+        return RoundOutcome([m.report() for m in metas], failed, report["server"])
 
     def evaluate(self, round: int, client_ids: list[int]):
         ok, failed = self._call("evaluate", round, client_ids)
@@ -650,7 +653,8 @@ def _workload(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDat
     return Workload(schedule, client_cost(dataset.client_sizes(), t.batch_size, t.local_epochs, t.max_steps))
 
 
-def _cause(e: BaseException) -> str:
+def cause_text(e: BaseException) -> str:
+    """The remote traceback behind a Ray error (the cause raised in the actor), else its message."""
     cause = getattr(e, "cause", None)
     if isinstance(cause, BaseException):
         import traceback
