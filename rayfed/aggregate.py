@@ -5,8 +5,10 @@ the streaming mean, a small accumulator) with an exact-value test, so algorithms
 actor can compose them without owning any maths themselves.
 
 * Means: :func:`weighted_mean`, the streaming per-key holder mean :class:`StreamingMean` (clients
-  that hold only some tensors, e.g. tiered roles, are averaged only where they hold a key) and its
-  batch form :func:`holder_mean`, and the FedSpa sparse-aware mean :func:`sparse_mean`.
+  that hold only some tensors, e.g. tiered roles, are averaged only where they hold a key, and
+  sparse uploads, :class:`rayfed.tensors.SparseTensor`, only at the coordinates they hold) and its
+  batch form :func:`holder_mean`, and the FedSpa sparse-aware mean over dense values and masks
+  :func:`sparse_mean`.
 * Byzantine-robust rules over a stack ``X`` of flattened client vectors, shape ``(n, d)``:
   :func:`coordinate_median`, :func:`trimmed_mean`, :func:`krum` (Blanchard et al. 2017),
   :func:`centered_clipping` and :func:`bucketing` (Karimireddy, He, Jaggi 2021; 2022), with
@@ -28,6 +30,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from rayfed.tensors import SparseTensor
 
 __all__ = [
     "PackedTensors",
@@ -193,24 +197,35 @@ class PackedTensors(Mapping):
 
 
 class StreamingMean:
-    """Streaming weighted per-key holder mean over dict updates, in O(model) memory.
+    """Streaming weighted per-key, per-coordinate holder mean over dict updates, in O(model) memory.
 
-    For every key ``k``, ``result()[k] = sum_{i holds k} w_i * u_i[k] / sum_{i holds k} w_i``: a
-    key is averaged only over the updates that contain it, so clients that hold only some tensors
-    (tiered roles, mismatched architectures) aggregate correctly. Sums are float64 and accumulated
-    in the order of :meth:`add` calls, so results are deterministic given that order; each key is
-    cast back to the dtype it had when first seen (integer and boolean keys rounded to nearest).
+    An update holds a key when it contains it; a dense value holds every coordinate of the key, a
+    :class:`~rayfed.tensors.SparseTensor` holds only its positions (FedSpa masks, per-client slices).
+    For every key ``k`` and coordinate ``j``,
+    ``result()[k][j] = sum_{i holds k, j} w_i * u_i[k][j] / sum_{i holds k, j} w_i``, so clients
+    that hold only some tensors (tiered roles, mismatched architectures) or only some coordinates
+    (sparse uploads) aggregate without dilution by zeros. Coordinates that no update of positive
+    weight holds take ``fallback[k][j]`` (see :meth:`result`).
+
+    Sums are float64 and accumulated in the order of :meth:`add` calls, so results are deterministic
+    given that order; each key is cast back to the dtype it had when first seen (integer and boolean
+    keys rounded to nearest). A key that has only ever received dense values keeps one scalar weight
+    (and packed updates of one layout keep one flat sum); only a key that receives a sparse value
+    gets a per-coordinate weight array.
 
     Attributes:
         count: number of updates added.
         total_weight: sum of the weights of all updates added.
 
     Example:
+        >>> from rayfed.tensors import SparseTensor
         >>> agg = StreamingMean()
-        >>> agg.add({"w": np.array([1.0]), "b": np.array([4.0])}, weight=1)
-        >>> agg.add({"w": np.array([3.0])}, weight=3)
+        >>> agg.add({"w": np.array([1.0, 1.0, 1.0]), "b": np.array([4.0])}, weight=1)
+        >>> agg.add({"w": SparseTensor.from_positions((3,), [1], [5.0])}, weight=3)
         >>> agg.result()
-        {'w': array([2.5]), 'b': array([4.])}
+        {'w': array([1., 4., 1.]), 'b': array([4.])}
+        >>> agg.coverage("w")
+        array([1., 4., 1.])
     """
 
     def __init__(self) -> None:
@@ -218,7 +233,9 @@ class StreamingMean:
         self.count: int = 0
         self.total_weight: float = 0.0
         self._sums: dict[str, np.ndarray] = {}
+        # holder weight per key while it has only had dense values, per coordinate once it had a sparse one
         self._weights: dict[str, float] = {}
+        self._coverage: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         # while every update is a PackedTensors of one layout and dtype: one flat float64 sum
         self._flat: tuple[np.ndarray, tuple, np.dtype, float] | None = None
@@ -251,62 +268,163 @@ class StreamingMean:
             self._weights[k] = total
             self._dtypes[k] = dtype
 
-    def add(self, tensors: Mapping[str, np.ndarray], weight: float = 1.0) -> None:
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every key seen so far, whether held per key or in the flat sum."""
+        if self._flat is not None:
+            return {k: tuple(shape) for k, _, shape in self._flat[1]}
+        return {k: s.shape for k, s in self._sums.items()}
+
+    def add(self, tensors: Mapping[str, np.ndarray | SparseTensor], weight: float = 1.0) -> None:
         """Add one update with the given weight.
 
         Args:
-            tensors: the client's tensors by name; may hold any subset of the keys.
+            tensors: the client's tensors by name; may hold any subset of the keys, each dense (a
+                numpy array, holding every coordinate) or a :class:`~rayfed.tensors.SparseTensor`
+                (holding its positions).
             weight: finite, non-negative weight (e.g. the client's sample count).
 
         Raises:
-            ValueError: invalid weight, or a key whose shape differs from the one first seen (the
-                message names the key and both shapes). Nothing is added when it raises.
+            ValueError: invalid weight, a key whose shape differs from the one first seen (the
+                message names the key and both shapes), a non-numeric dtype, or a sparse value whose
+                values do not match its positions. Nothing is added when it raises.
         """
         w = _check_weight(weight)
         if isinstance(tensors, PackedTensors) and self._add_flat(tensors, w):
             self.count += 1
             self.total_weight += w
             return
-        self._unflatten()
-        arrays = {k: np.asarray(v) for k, v in tensors.items()}
-        for k, a in arrays.items():  # validate everything before mutating any state
-            if k in self._sums and self._sums[k].shape != a.shape:
+        shapes = self._shapes()
+        # validate everything before mutating any state
+        entries: list[tuple[str, tuple[int, ...], np.ndarray, np.ndarray | None]] = []  # + flat selector
+        for k, v in tensors.items():
+            if isinstance(v, SparseTensor):
+                shape, values = v.shape, v.values
+                # the int positions themselves, or the bitmap as a flat boolean mask: no int64 copy
+                select = v.index if v.encoding == "indices" else v.mask().reshape(-1)
+                held = select.size if v.encoding == "indices" else int(np.count_nonzero(select))
+                if values.shape != (held,):
+                    raise ValueError(
+                        f"sparse tensor {k!r} holds {held} positions but has values of shape {values.shape}"
+                    )
+            else:
+                values = np.asarray(v)
+                shape, select = values.shape, None
+            if values.dtype.kind not in "biuf":
                 raise ValueError(
-                    f"tensor {k!r} has shape {a.shape} in this update but shape "
-                    f"{self._sums[k].shape} in earlier updates"
+                    f"tensor {k!r} has dtype {values.dtype}; StreamingMean averages boolean, integer and "
+                    f"floating tensors only"
                 )
-        for k, a in arrays.items():
+            if k in shapes and shapes[k] != shape:
+                raise ValueError(
+                    f"tensor {k!r} has shape {shape} in this update but shape {shapes[k]} in earlier updates"
+                )
+            entries.append((k, shape, values, select))
+        self._unflatten()
+        for k, shape, values, select in entries:
             if k not in self._sums:
-                self._sums[k] = np.zeros(a.shape, dtype=np.float64)
-                self._weights[k] = 0.0
-                self._dtypes[k] = a.dtype
-            self._sums[k] += w * a.astype(np.float64, copy=False)
-            self._weights[k] += w
+                self._sums[k] = np.zeros(shape, dtype=np.float64)
+                self._dtypes[k] = values.dtype
+                if select is None:
+                    self._weights[k] = 0.0
+                else:
+                    self._coverage[k] = np.zeros(shape, dtype=np.float64)
+            elif select is not None and k in self._weights:  # a dense-only key's first sparse value
+                self._coverage[k] = np.full(self._sums[k].shape, self._weights.pop(k), dtype=np.float64)
+            weighted = w * values.astype(np.float64, copy=False)
+            if select is None:
+                self._sums[k] += weighted
+                if k in self._weights:
+                    self._weights[k] += w
+                else:
+                    self._coverage[k] += w
+            else:
+                # positions are unique, so fancy-index += adds each value exactly once; every sum is
+                # C-contiguous (np.zeros or a slice of the flat sum), so reshape(-1) is a view
+                self._sums[k].reshape(-1)[select] += weighted
+                self._coverage[k].reshape(-1)[select] += w
         self.count += 1
         self.total_weight += w
 
-    def result(self) -> dict[str, np.ndarray]:
-        """The per-key holder mean of the updates added so far.
+    def coverage(self, key: str) -> np.ndarray:
+        """Holder weight per coordinate of ``key``: the sum of the weights of the updates holding it.
+
+        Args:
+            key: a key seen by :meth:`add`.
+
+        Returns:
+            A new float64 array shaped like the key's tensor (constant for a key that has only had
+            dense values).
+
+        Raises:
+            KeyError: ``key`` was never added (the message lists the keys seen).
+        """
+        if self._flat is not None:
+            for k, _, shape in self._flat[1]:
+                if k == key:
+                    return np.full(shape, self._flat[3], dtype=np.float64)
+        elif key in self._coverage:
+            return self._coverage[key].copy()
+        elif key in self._weights:
+            return np.full(self._sums[key].shape, self._weights[key], dtype=np.float64)
+        raise KeyError(f"no update held tensor {key!r}; keys seen: {list(self._shapes())}")
+
+    def result(self, fallback: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The per-key, per-coordinate holder mean of the updates added so far.
+
+        Args:
+            fallback: values for the coordinates that no update of positive weight holds, by key and
+                shaped like the key's tensor (e.g. the previous global weights); cast to the key's
+                dtype. Keys it lacks must be fully covered.
 
         Returns:
             One array per key seen at least once, in order of first appearance.
 
         Raises:
-            ValueError: a key's holders all had weight 0 (the message names the keys).
+            ValueError: a key's holders all had weight 0, or some of a key's coordinates are held by
+                no update of positive weight, and ``fallback`` has no entry for it (the messages name
+                the keys and count the coordinates); or a fallback of the wrong shape.
         """
         self._unflatten()
-        empty = [k for k, w in self._weights.items() if not w > 0]
+        fallback = {} if fallback is None else fallback
+        for k, s in self._sums.items():
+            if k in fallback and np.shape(fallback[k]) != s.shape:
+                raise ValueError(
+                    f"fallback for {k!r} has shape {np.shape(fallback[k])} but the tensor has shape {s.shape}"
+                )
+        empty = [k for k, w in self._weights.items() if not w > 0 and k not in fallback]
         if empty:
             raise ValueError(
-                f"keys {empty} were only held by updates of weight 0, so their mean is undefined"
+                f"keys {empty} were only held by updates of weight 0, so their mean is undefined; pass "
+                f"result(fallback=...) with their previous values"
+            )
+        uncovered = {}
+        for k, cov in self._coverage.items():
+            n = int(cov.size - np.count_nonzero(cov > 0))
+            if n and k not in fallback:
+                uncovered[k] = n
+        if uncovered:
+            detail = ", ".join(f"{k!r}: {n} of {self._sums[k].size}" for k, n in uncovered.items())
+            raise ValueError(
+                f"some coordinates are held by no update of positive weight ({detail}), so their mean is "
+                f"undefined; pass result(fallback={{key: previous values}}) for keys {list(uncovered)}"
             )
         out: dict[str, np.ndarray] = {}
         for k, s in self._sums.items():
-            mean = s / self._weights[k]
             dtype = self._dtypes[k]
+            covered: np.ndarray | None = None
+            if k in self._weights:
+                if not self._weights[k] > 0:
+                    out[k] = np.asarray(fallback[k]).astype(dtype, copy=True)
+                    continue
+                mean = s / self._weights[k]
+            else:
+                covered = self._coverage[k] > 0
+                mean = np.divide(s, self._coverage[k], out=np.zeros_like(s), where=covered)
             if not np.issubdtype(dtype, np.floating):
                 mean = np.rint(mean)
             out[k] = mean.astype(dtype, copy=False)
+            if covered is not None and not covered.all():
+                out[k] = np.where(covered, out[k], np.asarray(fallback[k]).astype(dtype))
         return out
 
 
