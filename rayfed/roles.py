@@ -180,7 +180,9 @@ def assign_roles(
         default: the role of trainable tensors no rule names.
         strict: raise :class:`ConfigError` when a rule matches nothing (usually a typo).
     """
-    params = dict(model.named_parameters())
+    # every name of a parameter, aliases included: a state-dict key that aliases a frozen parameter (PEFT
+    # prompt tuning's ``word_embeddings.weight``, tied weights) is that parameter, not a float buffer
+    params = dict(model.named_parameters(remove_duplicate=False))
     roles: dict[str, Role] = {}
     for k, t in model.state_dict().items():
         p = params.get(k)
