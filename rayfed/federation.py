@@ -27,9 +27,13 @@ from rayfed.config import FederationConfig, dump_config, from_dict, load_config,
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.errors import ClientError, ConfigError
 from rayfed.models import build_model
-from rayfed.sampling import sample_clients
+from rayfed.plan import RunPlan, plan_run
 
-__all__ = ["ComparisonResult", "Federation", "FederationResult", "run_comparison", "sample_clients"]
+__all__ = ["METRIC_COLUMNS", "ComparisonResult", "Federation", "FederationResult", "eval_summary", "run_comparison"]
+
+#: columns of the tidy metrics table: one row per (round, client, stage, task, metric); client_id -1
+#: holds round-level aggregates, task "" client-level (or, for single-task data, the only task's) values
+METRIC_COLUMNS = ["algorithm", "round", "client_id", "stage", "task", "metric", "value"]
 
 log = logging.getLogger("rayfed")
 
@@ -50,28 +54,47 @@ def _p10(values: Sequence[float]) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), 10)) if len(values) else float("nan")
 
 
-def eval_summary(rows: Sequence[dict]) -> dict[str, float]:
-    """Sample-weighted, per-client mean, 10th-percentile and spread of client accuracies.
-
-    Rows without ``accuracy`` (regression) give only the loss: sample-weighted ``test_loss``, and
-    the per-client mean, 90th percentile and maximum of the loss.
+def _summary_of(rows: Sequence[dict]) -> dict[str, float]:
+    """Sample-weighted, per-client mean, 10th-percentile and spread of the rows' accuracies (rows
+    without one, e.g. regression or generation, count only towards the loss).
     """
     n = sum(r["num_test"] for r in rows)
     out = {"test_loss": float(np.average([r["loss"] for r in rows], weights=[r["num_test"] for r in rows]))
            if n else float("nan")}
-    if rows and all("accuracy" not in r for r in rows):
+    scored = [r for r in rows if "accuracy" in r]
+    if rows and not scored:
         losses = np.asarray([r["loss"] for r in rows], dtype=float)
         out.update(test_loss_mean=float(losses.mean()), test_loss_p90=float(np.percentile(losses, 90)),
                    test_loss_max=float(losses.max()))
         return out
-    acc = [r["accuracy"] for r in rows]
+    acc = [r["accuracy"] for r in scored]
+    total = sum(r.get("num_scored", r["num_test"]) for r in scored)
     return {
-        "accuracy_weighted": sum(r["correct"] for r in rows) / max(n, 1),
+        "accuracy_weighted": sum(r["correct"] for r in scored) / max(total, 1),
         "accuracy_mean": float(np.mean(acc)) if acc else float("nan"),
         "accuracy_p10": _p10(acc),
         "accuracy_std": float(np.std(acc)) if acc else float("nan"),
         **out,
     }
+
+
+def eval_summary(rows: Sequence[dict]) -> dict[str, Any]:
+    """Sample-weighted, per-client mean, 10th-percentile and spread of client accuracies.
+
+    Rows without ``accuracy`` (regression) give only the loss: sample-weighted ``test_loss``, and
+    the per-client mean, 90th percentile and maximum of the loss. Rows of clients with several
+    tasks (``{"tasks": {name: metrics}}``) give the same summary over every (client, task) pair,
+    and each task's own summary under ``tasks``.
+    """
+    if not any("tasks" in r for r in rows):
+        return _summary_of(rows)
+    per_task: dict[str, list[dict]] = {}
+    for r in rows:
+        for t, m in r.get("tasks", {}).items():
+            per_task.setdefault(t, []).append(m)
+    out: dict[str, Any] = _summary_of([m for ms in per_task.values() for m in ms])
+    out["tasks"] = {t: _summary_of(ms) for t, ms in per_task.items()}
+    return out
 
 
 @dataclass
@@ -80,8 +103,8 @@ class FederationResult:
 
     Attributes:
         config: the resolved config.
-        metrics: tidy table, one row per (round, client, stage, metric); client_id -1 holds
-            round-level aggregates.
+        metrics: tidy table, one row per (round, client, stage, task, metric) (:data:`METRIC_COLUMNS`);
+            client_id -1 holds round-level aggregates, task ``""`` values that are not per task.
         summary: final accuracies (weighted, per-client mean, p10, std), bytes and timings.
         run_dir: where outputs were written (None when nothing was written).
         failures: every client failure recorded (dropped clients), as :class:`ClientError`.
@@ -97,10 +120,12 @@ class FederationResult:
     server_received: list[str] = field(default_factory=list)
     server_state: Any = None
 
-    def round_table(self) -> pd.DataFrame:
-        """Round-level evaluation metrics, one row per evaluated round."""
+    def round_table(self, task: str = "") -> pd.DataFrame:
+        """Round-level evaluation metrics, one row per evaluated round: over every client (and task),
+        or of one ``task`` of multi-task data.
+        """
         m = self.metrics
-        sub = m[(m.client_id == -1) & (m.stage.isin(["eval", "final"]))]
+        sub = m[(m.client_id == -1) & (m.stage.isin(["eval", "final"])) & (m.task == task)]
         return sub.pivot_table(index=["round", "stage"], columns="metric", values="value").reset_index()
 
 
@@ -129,6 +154,7 @@ class Federation:
         self.placement_group = placement_group
         self.executor = None
         self._rounds_done = 0
+        self._validated: Optional[tuple[FederatedDataset, RunPlan]] = None
 
     def checkpoint(self, directory: Union[str, Path]) -> Path:
         """Save the server state and every client's private state (callable from a round callback).
@@ -143,22 +169,27 @@ class Federation:
         return d
 
     # -- set-up --------------------------------------------------------------------------------
-    def _validate(self) -> FederatedDataset:
-        """Everything that can be checked without actors: data, model, roles."""
+    def _validate(self) -> tuple[FederatedDataset, RunPlan]:
+        """Everything that can be checked without actors: the data, the run plan, and the model of
+        every client structure and of the server (built once each, with their roles).
+        """
         cfg = self.config
         ds = FederatedDataset.from_config(cfg.data, cfg.seed)
         try:
-            model = build_model(self.model_factory or cfg.model, ds.info, cfg.seed)
+            plan, roles = plan_run(cfg, self.algorithm, ds, self.model_factory)
         except ConfigError:
             raise
-        except Exception as e:  # a user factory that fails
-            raise ConfigError(f"could not build the model ({type(e).__name__}: {e}); check the model section "
-                              "or the model_factory") from e
-        roles = self.algorithm.roles(model)
-        if not roles.names():
+        except Exception as e:  # a user factory (or an algorithm's prepare_model) that fails
+            raise ConfigError(f"could not build the model ({type(e).__name__}: {e}); check the model section, "
+                              "data.tiers and data.tasks, or the model_factory") from e
+        if not roles[plan.union].names():
             raise ConfigError("the model has no parameters to train")
-        self.role_counts = roles.counts()
-        return ds
+        self.role_counts = roles[plan.union].counts()
+        self._validated = (ds, plan)
+        if len(plan.structures) > 1:
+            counts = plan.structure_counts()
+            self.structures = {s.label(): {"clients": counts[s], "roles": roles[s].counts()} for s in plan.structures}
+        return ds, plan
 
     def _make_run_dir(self) -> Optional[Path]:
         arg = self._run_dir_arg
@@ -185,24 +216,23 @@ class Federation:
         from rayfed.runtime import make_executor, runtime_session
 
         cfg = self.config
-        ds = self._validate()  # before any actor starts
+        ds, plan = self._validated or self._validate()  # before any actor starts
+        self._validated = None
         run_dir = self._make_run_dir()
         with runtime_session(cfg):
-            self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory,
+            self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory, plan=plan,
                                           placement_group=self.placement_group)
             try:
-                return self._loop(ds, run_dir, resume_from)
+                return self._loop(ds, plan, run_dir, resume_from)
             finally:
                 self.executor.close()
                 self.executor = None
 
-    def _loop(self, ds: FederatedDataset, run_dir: Optional[Path], resume_from) -> FederationResult:
+    def _loop(self, ds: FederatedDataset, plan: RunPlan, run_dir: Optional[Path], resume_from) -> FederationResult:
         cfg, ex = self.config, self.executor
         alg = cfg.algorithm.name
-        held = self.algorithm.holdout_clients(list(ds.client_ids), cfg.seed)  # never trained; personalized at the end
-        held_set = set(held)
-        ids = [c for c in ds.client_ids if c not in held_set]
-        k = cfg.clients_per_round()
+        held = plan.holdouts  # never trained; personalized at the end
+        ids = plan.train_ids
         rows: list[dict] = []
         failures: list[ClientError] = []
         start = 0
@@ -213,12 +243,17 @@ class Federation:
             prev = Path(resume_from).parent.parent / "metrics.parquet"
             if prev.exists():
                 old = pd.read_parquet(prev)
+                if "task" not in old.columns:  # written before metrics had a task column
+                    old.insert(METRIC_COLUMNS.index("task"), "task", "")
                 rows = old[old["round"] <= start].to_dict("records")
 
-        def add(r: int, cid: int, stage: str, metrics: Mapping[str, Any]) -> None:
+        def add(r: int, cid: int, stage: str, metrics: Mapping[str, Any], task: str = "") -> None:
             for name, v in metrics.items():
-                if name != "client_id" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
-                    rows.append({"algorithm": alg, "round": r, "client_id": cid, "stage": stage,
+                if name == "tasks" and isinstance(v, Mapping):  # per-task metrics: rows of their task
+                    for t, tm in v.items():
+                        add(r, cid, stage, tm, t)
+                elif name != "client_id" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+                    rows.append({"algorithm": alg, "round": r, "client_id": cid, "stage": stage, "task": task,
                                  "metric": name, "value": float(v)})
 
         progress = _progress(cfg.rounds, start, cfg.output.progress, alg)
@@ -226,7 +261,7 @@ class Federation:
         t_start = time.perf_counter()
         for r in range(start, cfg.rounds):
             t0 = time.perf_counter()
-            sampled = sample_clients(ids, k, cfg.seed, r)
+            sampled = plan.sampled(r)
             out = ex.train_round(r, sampled)
             failures += out.failures
             for u in out.updates:
@@ -246,7 +281,7 @@ class Federation:
                     add(r + 1, e["client_id"], "eval", e)
                 last_eval = eval_summary(evals)
                 add(r + 1, -1, "eval", last_eval)
-                rnd.update(last_eval)
+                rnd.update({k2: v for k2, v in last_eval.items() if k2 != "tasks"})
             rnd["seconds"] = time.perf_counter() - t0
             add(r + 1, -1, "train", {k2: v for k2, v in rnd.items() if not k2.startswith(("accuracy", "test_"))})
             self._rounds_done = r + 1
@@ -271,16 +306,24 @@ class Federation:
                 add(cfg.rounds, e["client_id"], "final", e)
             final = eval_summary(evals)
             add(cfg.rounds, -1, "final", final)
+        exported = None
+        if run_dir is not None and cfg.output.export != "none":
+            wanted = ids if cfg.output.export == "all" else [c for c in cfg.output.export if c in set(ids)]
+            exported = run_dir / "export"
+            _, xfail = ex.export(cfg.rounds, wanted, exported)
+            failures += xfail
         server_state = ex.server_state()  # one fetch: for FedTP on Ray it carries the hypernetwork
         if held:
             final.update(self._personalize_holdout(ds, held, server_state, add))
         elapsed = time.perf_counter() - t_start
 
-        metrics = pd.DataFrame(rows, columns=["algorithm", "round", "client_id", "stage", "metric", "value"])
+        metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
         received = ex.received_names()
         if run_dir is not None and cfg.output.save_final:
             ex.save(run_dir / "checkpoints" / "final")
         summary = self._summary(metrics, final, elapsed, failures, run_dir)
+        if exported is not None:
+            summary["export_dir"] = str(exported)
         result = FederationResult(cfg, metrics, summary, run_dir, failures, received, server_state)
         if run_dir is not None:
             write_outputs(result)
@@ -311,13 +354,15 @@ class Federation:
             "algorithm": self.config.algorithm.name,
             "rounds": self.config.rounds,
             "num_clients": self.config.data.num_clients,
-            **{k: float(v) for k, v in final.items()},
+            **{k: float(v) for k, v in final.items() if k != "tasks"},
+            **({"tasks": final["tasks"]} if "tasks" in final else {}),
             "bytes_up": float(sums.get("bytes_up", 0.0)),
             "bytes_down": float(sums.get("bytes_down", 0.0)),
             "seconds": elapsed,
             "seconds_per_round": float(by.mean().get("train_seconds", float("nan"))),
             "num_failures": len(failures),
             "roles": getattr(self, "role_counts", {}),
+            **({"structures": self.structures} if getattr(self, "structures", None) else {}),
             "run_dir": str(run_dir) if run_dir else None,
         }
 
@@ -358,10 +403,19 @@ def write_outputs(result: FederationResult) -> None:
     (d / "summary.json").write_text(json.dumps(
         {**result.summary, "failures": [str(f) for f in result.failures]}, indent=2, default=str))
     if result.config.output.plots:
-        from rayfed.plots import plot_accuracy, plot_client_accuracy
+        _plot(result.metrics, d)
 
-        plot_accuracy(result.metrics, d / "accuracy.png")
-        plot_client_accuracy(result.metrics, d / "client_accuracy.png")
+
+def _plot(metrics: pd.DataFrame, d: Path) -> None:
+    """The accuracy plots of a run (or comparison) directory, and one pair per task of multi-task data."""
+    from rayfed.plots import plot_accuracy, plot_client_accuracy, tasks_of
+
+    plot_accuracy(metrics, d / "accuracy.png")
+    for task in tasks_of(metrics):
+        plot_accuracy(metrics, d / f"accuracy_{task}.png", task=task)
+        plot_client_accuracy(metrics, d / f"client_accuracy_{task}.png", task=task)
+    if not tasks_of(metrics):
+        plot_client_accuracy(metrics, d / "client_accuracy.png")
 
 
 @dataclass
@@ -417,10 +471,7 @@ def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]
         comp.metrics.to_parquet(parent / "metrics.parquet", index=False)
         comp.table().to_csv(parent / "summary.csv", index=False)
         if cfg.output.plots:
-            from rayfed.plots import plot_accuracy, plot_client_accuracy
-
-            plot_accuracy(comp.metrics, parent / "accuracy.png")
-            plot_client_accuracy(comp.metrics, parent / "client_accuracy.png")
+            _plot(comp.metrics, parent)
     return comp
 
 

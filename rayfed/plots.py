@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["plot_accuracy", "plot_client_accuracy"]
+__all__ = ["plot_accuracy", "plot_client_accuracy", "tasks_of"]
 
 
 def _plt():
@@ -18,13 +18,26 @@ def _plt():
     return plt
 
 
-def plot_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
-    """Per-client mean (solid) and sample-weighted (dashed) test accuracy against round, per method.
+def _of_task(metrics: pd.DataFrame, task: str) -> pd.DataFrame:
+    return metrics[metrics.task == task] if "task" in metrics.columns else metrics
+
+
+def tasks_of(metrics: pd.DataFrame) -> list[str]:
+    """The tasks with their own rows in ``metrics`` (multi-task data), in order of appearance."""
+    if "task" not in metrics.columns:
+        return []
+    return [t for t in dict.fromkeys(metrics.task) if t]
+
+
+def plot_accuracy(metrics: pd.DataFrame, path: str | Path, *, task: str = "") -> Path:
+    """Per-client mean (solid) and sample-weighted (dashed) test accuracy against round, per method,
+    over every client (and task), or of one ``task`` of multi-task data.
 
     Regression runs (no accuracy) plot the per-client mean and sample-weighted test loss instead,
     on a log scale.
     """
     plt = _plt()
+    metrics = _of_task(metrics, task)
     m = metrics[(metrics.client_id == -1) & (metrics.stage == "eval")]
     regression = len(m) > 0 and not (m.metric == "accuracy_mean").any()
     pairs = (("test_loss_mean", "-"), ("test_loss", "--")) if regression else \
@@ -39,6 +52,8 @@ def plot_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
                         label=f"{alg} ({'client mean' if metric == pairs[0][0] else 'weighted'})")
     ax.set_xlabel("round")
     ax.set_ylabel("test loss (own split)" if regression else "test accuracy (own split)")
+    if task:
+        ax.set_title(f"task {task}")
     if regression and (m[m.metric.isin([p for p, _ in pairs])].value > 0).all():
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -49,9 +64,12 @@ def plot_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_client_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
-    """Distribution of the final per-client accuracy (loss for regression), one box per method."""
+def plot_client_accuracy(metrics: pd.DataFrame, path: str | Path, *, task: str = "") -> Path:
+    """Distribution of the final per-client accuracy (loss for regression), one box per method
+    (of one ``task`` of multi-task data: its rows, else the single-task rows).
+    """
     plt = _plt()
+    metrics = _of_task(metrics, task)
     evals = metrics[(metrics.client_id >= 0) & metrics.stage.isin(["eval", "final"])]
     metric = "accuracy" if (evals.metric == "accuracy").any() or not len(evals) else "loss"
     m = evals[evals.metric == metric]

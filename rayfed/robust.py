@@ -153,10 +153,13 @@ class Attack:
         seed: the run's seed (chooses the Byzantine clients and the noise).
         num_classes: classes of the task (labels flip to ``num_classes - 1 - y``).
         kind: the algorithm's upload kind (the attack perturbs the update, not raw weights).
+        task_classes: classes of each task, for data with several tasks.
     """
 
-    def __init__(self, cfg: AttackConfig, num_clients: int, seed: int, num_classes: int, kind: str) -> None:
+    def __init__(self, cfg: AttackConfig, num_clients: int, seed: int, num_classes: int, kind: str,
+                 task_classes: Mapping[str, int] | None = None) -> None:
         self.cfg, self.seed, self.num_classes, self.kind = cfg, seed, num_classes, kind
+        self.task_classes = dict(task_classes or {})
         self.byzantine = byzantine_clients(num_clients, cfg, seed)
 
     def is_byzantine(self, client_id: int) -> bool:
@@ -164,12 +167,17 @@ class Attack:
         return client_id in self.byzantine
 
     def poison_data(self, client_id: int, data: ClientData) -> ClientData:
-        """The training data a client uses: labels flipped for a label-flipping attacker."""
+        """The training data a client uses: labels flipped for a label-flipping attacker (in every
+        task: class ``C-1-y`` of the task's ``C`` classes, negated float targets).
+        """
         if self.cfg.kind != "label_flip" or not self.is_byzantine(client_id):
             return data
-        y = data.y_train
-        flipped = -y if np.issubdtype(y.dtype, np.floating) else (self.num_classes - 1 - y).astype(y.dtype)
-        return replace(data, y_train=flipped)
+        for name, task in data.tasks.items():
+            y = task.y_train
+            classes = self.num_classes if len(data.tasks) == 1 else int(self.task_classes.get(name, y.max() + 1))
+            flipped = -y if np.issubdtype(y.dtype, np.floating) else (classes - 1 - y).astype(y.dtype)
+            data = data.with_task(name, y_train=flipped)
+        return data
 
     def poison_upload(self, client_id: int, round: int, tensors: Mapping[str, np.ndarray],
                       broadcast: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -11,17 +11,24 @@ import torch
 import torch.nn.functional as F
 
 from rayfed.config import TrainConfig
+from rayfed.data.info import ClientData, TaskInfo
 from rayfed.models import forward_logits
 from rayfed.models.views import named_params, set_mode
 
-__all__ = ["batches", "evaluate", "local_steps", "make_optimizer", "only_trainable", "task_loss",
-           "train_epochs", "warm_up"]
+__all__ = ["batches", "evaluate", "evaluate_data", "forward_task", "local_steps", "make_optimizer", "only_trainable",
+           "is_multitask", "task_loss", "train_client", "train_epochs", "warm_up"]
 
 
-def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+              kind: str | None = None) -> torch.Tensor:
     """The loss the data's task implies: cross-entropy for integer labels, mean squared error for
-    float (regression) targets (``(N, 1)`` outputs are matched to ``(N,)`` targets).
+    float (regression or image) targets (``(N, 1)`` outputs are matched to ``(N,)`` targets), and
+    for ``kind="tokens"`` the cross-entropy of every position of ``(N, L, vocab)`` logits against
+    ``(N, L)`` token ids, ignoring padding (id 0).
     """
+    if kind == "tokens":
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=0,
+                               reduction=reduction)
     if torch.is_floating_point(targets):
         if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
             outputs = outputs.squeeze(-1)
@@ -76,7 +83,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        yield x[idx], y[idx]
+        yield ({k: v[idx] for k, v in x.items()} if isinstance(x, Mapping) else x[idx]), y[idx]
 
 
 @contextmanager
@@ -96,7 +103,10 @@ def only_trainable(model: torch.nn.Module, names: Iterable[str]):
                 p.requires_grad_(was)
 
 
-def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(x, y: np.ndarray, device: torch.device):
+    """``(x, y)`` as tensors on ``device`` (``x`` may be a mapping of modality -> array)."""
+    if isinstance(x, Mapping):
+        return {k: torch.as_tensor(v, device=device) for k, v in x.items()}, torch.as_tensor(y, device=device)
     return torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
 
 
@@ -169,3 +179,148 @@ def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, device: to
     if regression:
         return {"loss": loss_sum / max(n, 1), "num_test": n}
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "correct": correct, "num_test": n}
+
+
+def forward_task(model: torch.nn.Module, task: TaskInfo, x) -> torch.Tensor:
+    """Outputs of ``model`` for ``task`` on the batch ``x``: a multi-task model (one taking a ``task``
+    argument, e.g. :class:`~rayfed.models.multitask.MultiTaskModel`, also under PEFT) gets the task's
+    name; any other model is a single-task model run with :func:`rayfed.models.forward_logits`.
+    """
+    if is_multitask(model):
+        return model(x, task=task.name)
+    return forward_logits(model, x)
+
+
+def is_multitask(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a :class:`~rayfed.models.multitask.MultiTaskModel` (also under PEFT)."""
+    from rayfed.models.builders import unwrap_model
+    from rayfed.models.multitask import MultiTaskModel
+
+    return isinstance(unwrap_model(model), MultiTaskModel)
+
+
+def _task_batches(data: ClientData, infos: Mapping[str, TaskInfo], cfg: TrainConfig, device: torch.device,
+                  generator: torch.Generator, epochs: float, max_steps: int | None):
+    """One pass of a multi-task client's training: each task's batches for ``epochs`` (fractional:
+    the first part of the last epoch), interleaved task by task, capped at ``max_steps``.
+    """
+    per_task = {}
+    for name, t in data.tasks.items():
+        xt, yt = to_tensors(t.x_train, t.y_train, device)
+        per_task[name] = (xt, yt, local_steps(len(yt), cfg.batch_size, epochs))
+
+    def stream(name):
+        xt, yt, total = per_task[name]
+        done = 0
+        while done < total:
+            for xb, yb in batches(xt, yt, cfg.batch_size, generator=generator):
+                yield xb, yb
+                done += 1
+                if done >= total:
+                    return
+
+    streams = {n: stream(n) for n, (_, y, total) in per_task.items() if total > 0 and len(y)}
+    steps = 0
+    while streams and (max_steps is None or steps < max_steps):
+        for name in list(streams):
+            batch = next(streams[name], None)
+            if batch is None:
+                del streams[name]
+                continue
+            yield infos[name], batch
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return
+
+
+def train_client(model: torch.nn.Module, names: Iterable[str], data: ClientData, cfg: TrainConfig, *,
+                 infos: Mapping[str, TaskInfo] | None = None, generator: torch.Generator, device: torch.device,
+                 epochs: float | None = None, max_steps: int | None = None, lr: float | None = None,
+                 ) -> dict[str, float]:
+    """Train the parameters in ``names`` on a client's data, whatever tasks it holds.
+
+    A single-task model trains on the client's only task with :func:`train_epochs`. A multi-task
+    model (:func:`is_multitask`; ``infos`` gives each task's :class:`~rayfed.data.info.TaskInfo`)
+    takes every optimizer step on one batch of one task, the tasks taking turns, each for
+    ``epochs`` over its own training split, with the task's own loss (:func:`task_loss`). Returns
+    the mean loss and step count, and (multi-task) each task's mean loss under ``tasks``.
+    """
+    if not is_multitask(model):
+        t = data.only_task()
+        return train_epochs(model, names, t.x_train, t.y_train, cfg, generator=generator, device=device,
+                            epochs=epochs, max_steps=max_steps, lr=lr)
+    if infos is None:
+        raise ValueError(f"client {data.client_id} holds tasks {data.task_names}: pass infos (their TaskInfo)")
+    epochs = cfg.local_epochs if epochs is None else epochs
+    max_steps = max_steps if max_steps is not None else cfg.max_steps
+    set_mode(model, True)
+    sums: dict[str, list[float]] = {n: [0.0, 0] for n in data.tasks}
+    steps, total = 0, 0.0
+    with only_trainable(model, names) as params:
+        if not params:
+            return {"train_loss": float("nan"), "steps": 0}
+        opt = make_optimizer(params, cfg, lr=lr)
+        for info, (xb, yb) in _task_batches(data, infos, cfg, device, generator, epochs, max_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = task_loss(forward_task(model, info, xb), yb, kind=info.target)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            value = float(loss.detach())
+            sums[info.name][0] += value
+            sums[info.name][1] += 1
+            total += value
+            steps += 1
+    if steps == 0:
+        return {"train_loss": float("nan"), "steps": 0}
+    return {"train_loss": total / steps, "steps": steps,
+            "tasks": {n: {"train_loss": s / k} for n, (s, k) in sums.items() if k}}
+
+
+@torch.no_grad()
+def evaluate_task(model: torch.nn.Module, info: TaskInfo, x, y: np.ndarray, *, device: torch.device,
+                  batch_size: int = 256) -> dict[str, float]:
+    """A task's metrics on ``(x, y)``: for class targets ``accuracy``, ``loss``, ``correct`` and
+    ``num_test``; for regression and image targets the mean squared error (``loss``) and
+    ``num_test``; for token sequences the token ``accuracy`` over non-padding positions, ``loss``,
+    ``correct`` and ``num_scored`` (the positions scored) besides ``num_test``.
+    """
+    set_mode(model, False)
+    xt, yt = to_tensors(x, y, device)
+    correct, loss_sum, scored = 0, 0.0, 0
+    for xb, yb in batches(xt, yt, batch_size):
+        out = forward_task(model, info, xb)
+        if info.target == "tokens":
+            loss_sum += float(task_loss(out, yb, reduction="sum", kind="tokens"))
+            keep = yb != 0
+            correct += int(((out.argmax(-1) == yb) & keep).sum())
+            scored += int(keep.sum())
+        else:
+            loss_sum += float(task_loss(out, yb, reduction="sum"))
+            if info.target == "class":
+                correct += int((out.argmax(-1) == yb).sum())
+    n = len(yt)
+    model.train()
+    if info.target in ("regression", "image"):
+        values = max(n, 1) * (int(np.prod(info.target_shape)) if info.target == "image" else 1)
+        return {"loss": loss_sum / values, "num_test": n}
+    if info.target == "tokens":
+        return {"accuracy": correct / max(scored, 1), "loss": loss_sum / max(scored, 1), "correct": correct,
+                "num_scored": scored, "num_test": n}
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "correct": correct, "num_test": n}
+
+
+def evaluate_data(model: torch.nn.Module, data: ClientData, *, infos: Mapping[str, TaskInfo] | None = None,
+                  device: torch.device) -> dict:
+    """A client's test metrics: :func:`evaluate` of its only task for a single-task model, or each
+    task's :func:`evaluate_task` under ``tasks`` for a multi-task model (``infos``: the tasks'
+    :class:`~rayfed.data.info.TaskInfo`).
+    """
+    if not is_multitask(model):
+        t = data.only_task()
+        return evaluate(model, t.x_test, t.y_test, device=device)
+    if infos is None:
+        raise ValueError(f"client {data.client_id} holds tasks {data.task_names}: pass infos (their TaskInfo)")
+    return {"tasks": {n: evaluate_task(model, infos[n], t.x_test, t.y_test, device=device)
+                      for n, t in data.tasks.items()}}

@@ -46,7 +46,7 @@ def main(out_path: str) -> None:
         def record(rnd: int, metrics: dict) -> None:
             ex = fed.executor
             seen.update(actor_nodes=ex.actor_nodes(), groups=ex.groups,
-                        sites=[a.site for a in ex.plan.actors])
+                        sites=[a.site for a in ex.placement.actors])
 
         fed = Federation(cfg, run_dir=False, callbacks=[record])
         result = fed.fit()

@@ -14,8 +14,8 @@ from rayfed import ClientError, Federation, Role, register_algorithm
 from rayfed.algorithms.base import ClientContext, ServerState
 from rayfed.algorithms.fedavg import FedAvg, FedAvgConfig
 from rayfed.data import FederatedDataset
-from rayfed.federation import sample_clients
 from rayfed.models import build_model
+from rayfed.sampling import sample_clients
 
 
 def _model_and_roles(cfg):
@@ -154,7 +154,8 @@ def test_outputs_and_resume_from_checkpoint(tmp_path):
         assert (d / f).exists(), f
     assert len(list((d / "checkpoints/round_2/clients").glob("client_*.pt"))) == cfg.data.num_clients
     table = pd.read_parquet(d / "metrics.parquet")
-    assert list(table.columns) == ["algorithm", "round", "client_id", "stage", "metric", "value"]
+    assert list(table.columns) == ["algorithm", "round", "client_id", "stage", "task", "metric", "value"]
+    assert (table.task == "").all()  # single-task data: no per-task rows
     assert json.loads((d / "summary.json").read_text())["accuracy_mean"] == full.summary["accuracy_mean"]
     # resuming after round 2 reproduces the uninterrupted run exactly (server and client state restored)
     resumed = Federation(cfg, run_dir=tmp_path / "resumed").fit(resume_from=d / "checkpoints/round_2")

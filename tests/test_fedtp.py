@@ -29,9 +29,9 @@ from rayfed.algorithms.fedtp import (
 )
 from rayfed.data import FederatedDataset
 from rayfed.data.info import DatasetInfo
-from rayfed.federation import sample_clients
 from rayfed.models import build_model
 from rayfed.runtime.executor import LocalExecutor
+from rayfed.sampling import sample_clients
 
 TARGETS = [GenerationTarget("a.q.weight", (2, 3), 0), GenerationTarget("a.v.weight", (2, 3), 0),
            GenerationTarget("b.k.weight", (3, 2), 1), GenerationTarget("b.k.bias", (3,), 1)]

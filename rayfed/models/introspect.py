@@ -51,7 +51,7 @@ _DEFAULT_NAMES: dict[str, Kind] = {
     "query": "q", "key": "k", "value": "v",
     "q_lin": "q", "k_lin": "k", "v_lin": "v",
 }
-_HEAD_ATTRS = ("classifier", "head", "fc")
+_HEAD_ATTRS = ("classifier", "head", "fc", "heads")  # heads: a MultiTaskModel's per-task heads
 _INPUT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
 
 

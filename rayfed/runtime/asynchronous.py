@@ -241,6 +241,9 @@ class AsyncDriver(Executor):
     def finalize(self, round: int, client_ids: list[int]):
         return self.inner.finalize(round, client_ids)
 
+    def export(self, round: int, client_ids: list[int], directory):
+        return self.inner.export(round, client_ids, directory)
+
     def save(self, directory) -> None:
         self.inner.save(directory)
 

@@ -22,18 +22,20 @@ import numpy as np
 import torch
 
 from rayfed.algorithms.base import AUX, Algorithm, ClientContext, ClientState, ClientUpdate
+from rayfed.clients import ClientSpec, Structure
 from rayfed.config import FederationConfig
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.errors import ClientError
-from rayfed.models import build_model
+from rayfed.models.prepare import build_structure
 from rayfed.models.views import tensors
 from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
 from rayfed.roles import UPLOADABLE, Role, RoleMap
+from rayfed.tensors import wire_nbytes
 from rayfed.training import warm_up
 
 __all__ = ["ClientCohort", "ClientFailure", "CohortSpec", "ServerCore", "client_seed"]
 
-_STAGE_CODES = {"train": 1, "evaluate": 2, "finalize": 3}
+_STAGE_CODES = {"train": 1, "evaluate": 2, "finalize": 3, "export": 4}
 
 
 def client_seed(seed: int, round: int, client_id: int, stage: str) -> int:
@@ -58,18 +60,37 @@ class ClientFailure:
 
 @dataclass
 class CohortSpec:
-    """Everything an actor needs to build its cohort (small and picklable)."""
+    """Everything an actor needs to build its cohort (small and picklable).
+
+    Attributes:
+        config: the run's config.
+        algorithm: the algorithm object.
+        client_ids: the cohort's clients.
+        dataset: their shards (:meth:`~rayfed.data.FederatedDataset.subset`; the local executor
+            passes the driver's whole dataset).
+        specs: each client's description (depth tier, tasks...), from the run plan.
+        partial_keys: tensors only some structures hold (``RunPlan.partial_keys``).
+        model_factory: the user's ``factory(info)``, if any.
+        device: the torch device (default ``runtime.device``).
+    """
 
     config: FederationConfig
     algorithm: Algorithm
     client_ids: list[int]
+    dataset: FederatedDataset
+    specs: Mapping[int, ClientSpec]
+    partial_keys: frozenset = frozenset()
     model_factory: Optional[Callable[[DatasetInfo], torch.nn.Module]] = None
-    dataset: Optional[FederatedDataset] = None  # local executor shares the driver's; actors rebuild
     device: Optional[str] = None
 
 
 def _model_source(cfg: FederationConfig, factory):
     return factory if factory is not None else cfg.model
+
+
+def _peft(cfg: FederationConfig):
+    """``model.peft`` when set (it applies to a ``model_factory``'s model too)."""
+    return cfg.model.peft if cfg.model.peft.enabled else None
 
 
 def _pick_device(requested: str | None) -> torch.device:
@@ -81,8 +102,30 @@ def _pick_device(requested: str | None) -> torch.device:
     return torch.device(requested)
 
 
+class _Built:
+    """One structure's model in a cohort: the model object its clients share, roles, initial values."""
+
+    def __init__(self, model: torch.nn.Module, roles: RoleMap, partial: frozenset) -> None:
+        self.model, self.roles = model, roles
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # frozen tensors never change, so only these can carry over from the previous client
+        self.resettable = [k for k in self.initial if roles[k] != Role.FROZEN]
+        #: server-held tensors that only some structures hold, and this one does not (not sent to it)
+        self.absent = frozenset(k for k in partial if k not in roles)
+        self._view: Optional[tuple[int, Mapping, Mapping, int]] = None
+
+    def broadcast_view(self, broadcast: Mapping) -> tuple[Mapping, int]:
+        """The part of ``broadcast`` this structure holds, and its bytes (cached per broadcast)."""
+        if self._view is not None and self._view[0] == id(broadcast) and self._view[1] is broadcast:
+            return self._view[2], self._view[3]
+        view = broadcast if not self.absent else {k: v for k, v in broadcast.items() if k not in self.absent}
+        out = (id(broadcast), broadcast, view, wire_nbytes(view))
+        self._view = out
+        return out[2], out[3]
+
+
 class ClientCohort:
-    """A cohort of clients sharing one model object in one process."""
+    """A cohort of clients in one process: one model object per distinct structure among them."""
 
     def __init__(self, spec: CohortSpec) -> None:
         cfg = spec.config
@@ -91,44 +134,72 @@ class ClientCohort:
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
         self.device = _pick_device(spec.device or cfg.runtime.device)
-        ds = spec.dataset if spec.dataset is not None else FederatedDataset.from_config(cfg.data, cfg.seed)
-        self.num_clients = len(ds.client_ids)
+        ds = spec.dataset
+        self.num_clients = ds.num_clients
+        self.info = ds.info
+        self.tasks = {t.name: t for t in ds.info.task_infos()}
         self.data = {cid: ds.client_data(cid) for cid in spec.client_ids}
-        self.model = build_model(_model_source(cfg, spec.model_factory), ds.info, cfg.seed).to(self.device)
-        self.roles: RoleMap = self.algorithm.roles(self.model)
-        self._initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        # frozen tensors never change, so only these can carry over from the previous client
-        self._resettable = [k for k in self._initial if self.roles[k].value != "frozen"]
+        self.specs = {cid: spec.specs[cid] for cid in spec.client_ids}
+        self.built: dict[Structure, _Built] = {}
+        for structure in sorted({s.structure for s in self.specs.values()}, key=repr):
+            model, roles = build_structure(_model_source(cfg, spec.model_factory), ds.info, cfg.seed, self.algorithm,
+                                           structure, peft=_peft(cfg),
+                                           partial_keys=spec.partial_keys)
+            self.built[structure] = _Built(model.to(self.device), roles, spec.partial_keys)
         self.states: dict[int, ClientState] = {}
         #: SIMULATED Byzantine behaviour (config section ``attack``); None when off
-        self.attack = Attack(cfg.attack, self.num_clients, cfg.seed, ds.info.num_classes,
-                             upload_kind(self.algorithm)) if cfg.attack.enabled else None
+        self.attack = Attack(cfg.attack, self.num_clients, cfg.seed, ds.info.num_classes, upload_kind(self.algorithm),
+                             {t.name: t.num_outputs for t in ds.info.task_infos()}) if cfg.attack.enabled else None
         warm_up(cfg.train)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model of the cohort's only structure (an error when its clients differ)."""
+        return self._only().model
+
+    @property
+    def roles(self) -> RoleMap:
+        """The role map of the cohort's only structure (an error when its clients differ)."""
+        return self._only().roles
+
+    def _only(self) -> _Built:
+        if len(self.built) != 1:
+            raise RuntimeError(f"this cohort's clients have {len(self.built)} model structures; use "
+                               "built[spec.structure]")
+        return next(iter(self.built.values()))
+
+    def structure_of(self, cid: int) -> _Built:
+        """The built model, roles and initial values of client ``cid``'s structure."""
+        return self.built[self.specs[cid].structure]
+
     # -- state ---------------------------------------------------------------------------------
-    def _reset_model(self, keys: Iterable[str] | None = None) -> None:
-        keys = list(self._initial if keys is None else keys)
+    @staticmethod
+    def _reset_model(b: _Built, keys: Iterable[str] | None = None) -> None:
+        keys = list(b.initial if keys is None else keys)
         if not keys:  # e.g. FedAvg: the broadcast covers every tensor (skip a state_dict() walk)
             return
-        sd = tensors(self.model)
+        sd = tensors(b.model)
         with torch.no_grad():
             for k in keys:
-                sd[k].copy_(self._initial[k])
+                sd[k].copy_(b.initial[k])
 
     def state_of(self, cid: int) -> ClientState:
         if cid not in self.states:
-            self._reset_model()
-            self.states[cid] = self.algorithm.init_client(cid, self.model, self.roles)
+            b = self.structure_of(cid)
+            self._reset_model(b)
+            self.states[cid] = self.algorithm.init_client(cid, b.model, b.roles)
         return self.states[cid]
 
     def _context(self, cid: int, round: int, stage: str, broadcast, payload,
                  seed_round: Optional[int] = None) -> ClientContext:
         state = self.state_of(cid)
+        b = self.structure_of(cid)
+        broadcast, _ = b.broadcast_view(broadcast)
         covered = set(broadcast) | set(payload) | set(state.private)
-        self._reset_model([k for k in self._resettable if k not in covered])
+        self._reset_model(b, [k for k in b.resettable if k not in covered])
         with warnings.catch_warnings():  # object-store numpy arrays are read-only; we only copy them
             warnings.simplefilter("ignore", UserWarning)
-            self.algorithm.load_client_model(self.model, self.roles, broadcast, payload, state)
+            self.algorithm.load_client_model(b.model, b.roles, broadcast, payload, state)
         seed = client_seed(self.cfg.seed, round if seed_round is None else seed_round, cid, stage)
         # dropout and any other global-RNG use; on CPU only the CPU generator matters, and
         # torch.manual_seed would also queue a CUDA/XPU/MTIA reseed with a stack trace (~0.2 ms)
@@ -137,14 +208,15 @@ class ClientCohort:
         else:
             torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        return ClientContext(cid, round, self.model, self.roles, self.data[cid], self.cfg.train, state,
-                             payload, self.device, gen, self.num_clients)
+        return ClientContext(cid, round, b.model, b.roles, self.data[cid], self.cfg.train, state,
+                             payload, self.device, gen, self.num_clients, self.specs[cid], self.tasks)
 
     def _check_upload(self, cid: int, tensors: Mapping[str, np.ndarray]) -> None:
+        roles = self.structure_of(cid).roles
         for k in tensors:
             if k.startswith(AUX):
                 continue
-            role = self.roles.roles.get(k)
+            role = roles.roles.get(k)
             if role not in UPLOADABLE:
                 raise RuntimeError(f"{type(self.algorithm).__name__}.local_update tried to upload {k!r} "
                                    f"whose role is {role.value if role else 'unknown'}; only "
@@ -167,11 +239,10 @@ class ClientCohort:
         """Train ``client_ids`` (``seed_round`` replaces ``round`` in their seeds: asynchronous runs
         pass a dispatch counter so that repeated work of a client in one round differs).
         """
-        down = int(sum(v.nbytes for v in broadcast.values()))
-
         def one(cid: int) -> ClientUpdate:
             t0 = time.perf_counter()
             payload = payloads.get(cid, {})
+            _, down = self.structure_of(cid).broadcast_view(broadcast)
             ctx = self._context(cid, round, "train", broadcast, payload, seed_round)
             if self.attack is not None:
                 ctx.data = self.attack.poison_data(cid, ctx.data)
@@ -185,7 +256,7 @@ class ClientCohort:
             ctx.state.rounds_trained += 1
             upd = ClientUpdate(cid, round, self.data[cid].num_train, tensors, dict(metrics))
             upd.metrics.update(bytes_up=upd.nbytes,
-                               bytes_down=down + int(sum(v.nbytes for v in payload.values())),
+                               bytes_down=down + wire_nbytes(payload),
                                train_seconds=time.perf_counter() - t0, num_samples=upd.num_samples)
             return upd
 
@@ -220,6 +291,20 @@ class ClientCohort:
 
         return self._run(client_ids, round, "finalize", one)
 
+    def export(self, round: int, client_ids: list[int], broadcast: Mapping[str, np.ndarray],
+               payloads: Mapping[int, Mapping[str, np.ndarray]], directory: str) -> list[dict | ClientFailure]:
+        """Write each client's personalized model (as evaluated) to ``directory/client_<id>``: a PEFT
+        adapter folder for PEFT models, else a Hugging Face ``save_pretrained`` folder.
+        """
+        from rayfed.models.peft import export_adapter
+
+        def one(cid: int) -> dict:
+            ctx = self._context(cid, round, "export", broadcast, payloads.get(cid, {}))
+            path = export_adapter(ctx.model, Path(directory) / f"client_{cid}")
+            return {"client_id": cid, "path": str(path)}
+
+        return self._run(client_ids, round, "export", one)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def save_states(self, directory: str | os.PathLike) -> list[int]:
         """Write each client's state to ``directory/client_<id>.pt``; returns the ids written."""
@@ -246,16 +331,21 @@ class ClientCohort:
 
 
 class ServerCore:
-    """The server: shared state, aggregation and per-client payloads."""
+    """The server: shared state, aggregation and per-client payloads.
+
+    Its model is the ``union`` structure (``RunPlan.union``: the deepest tier, every task), so it
+    holds every tensor any client holds; each is aggregated over the clients that hold it.
+    """
 
     def __init__(self, config: FederationConfig, algorithm: Algorithm, info: DatasetInfo,
-                 client_sizes: Mapping[int, int], model_factory=None) -> None:
+                 client_sizes: Mapping[int, int], model_factory=None, *, union: Structure,
+                 partial_keys: frozenset = frozenset()) -> None:
         self.cfg = config
         self.algorithm = algorithm
         if config.runtime.torch_threads:
             torch.set_num_threads(config.runtime.torch_threads)
-        model = build_model(_model_source(config, model_factory), info, config.seed)
-        self.roles = algorithm.roles(model)
+        model, self.roles = build_structure(_model_source(config, model_factory), info, config.seed, algorithm, union,
+                                            peft=_peft(config), partial_keys=partial_keys)
         self.state = algorithm.init_server(model, self.roles, dict(client_sizes), config.seed)
         warm_up(config.train)  # server optimizers (FFGG, FedTP's hypernetwork) start warm too
         #: every tensor name this server has ever received from a client (for privacy audits)

@@ -17,6 +17,7 @@ from rayfed.algorithms.base import Algorithm
 from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
+from rayfed.plan import RunPlan, plan_run
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
 from rayfed.runtime.policy import FailurePolicy
 
@@ -47,6 +48,10 @@ class Executor:
     def finalize(self, round: int, client_ids: list[int]) -> tuple[list[dict], list[ClientError]]:
         raise NotImplementedError
 
+    def export(self, round: int, client_ids: list[int], directory: Path) -> tuple[list[dict], list[ClientError]]:
+        """Write the clients' personalized models (see :meth:`ClientCohort.export`)."""
+        raise NotImplementedError
+
     def save(self, directory: Path) -> None:
         raise NotImplementedError
 
@@ -67,12 +72,14 @@ class LocalExecutor(Executor):
     """Everything in this process: one server, one cohort holding every client."""
 
     def __init__(self, cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
-                 model_factory: Optional[Callable] = None) -> None:
+                 model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None) -> None:
         self.cfg = cfg
         self.policy = FailurePolicy(cfg.runtime)
-        self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory)
-        self.cohort = ClientCohort(CohortSpec(cfg, algorithm, list(dataset.client_ids), model_factory,
-                                              dataset=dataset))
+        self.plan = plan if plan is not None else plan_run(cfg, algorithm, dataset, model_factory)[0]
+        self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory,
+                                 union=self.plan.union, partial_keys=self.plan.partial_keys)
+        self.cohort = ClientCohort(CohortSpec(cfg, algorithm, list(dataset.client_ids), dataset, self.plan.specs,
+                                              self.plan.partial_keys, model_factory))
 
     def _payload(self, round: int, ids: list[int]):
         return self.server.broadcast(round), self.server.payloads(round, ids)
@@ -96,6 +103,12 @@ class LocalExecutor(Executor):
         self._enforce(round, client_ids, failed, "finalize")
         return ok, failed
 
+    def export(self, round: int, client_ids: list[int], directory: Path):
+        b, p = self._payload(round, client_ids)
+        ok, failed = self._split(self.cohort.export(round, client_ids, b, p, str(directory)))
+        self._enforce(round, client_ids, failed, "export")
+        return ok, failed
+
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.server.save(directory / "server.pt")
@@ -114,20 +127,26 @@ class LocalExecutor(Executor):
 
 
 def make_executor(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
-                  model_factory: Optional[Callable] = None, *, placement_group: Any = None) -> Executor:
+                  model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None,
+                  placement_group: Any = None) -> Executor:
     """The executor named by ``cfg.runtime.executor`` (a placement group applies to Ray only),
     wrapped in an :class:`~rayfed.runtime.asynchronous.AsyncDriver` when ``runtime.mode`` is async.
+
+    ``plan`` is the run's :class:`~rayfed.plan.RunPlan` (made here with
+    :func:`rayfed.plan.plan_run` when not given).
     """
+    if plan is None:
+        plan = plan_run(cfg, algorithm, dataset, model_factory)[0]
     if cfg.runtime.executor == "local":
-        ex: Executor = LocalExecutor(cfg, algorithm, dataset, model_factory)
+        ex: Executor = LocalExecutor(cfg, algorithm, dataset, model_factory, plan=plan)
     else:
         from rayfed.runtime.ray_executor import RayExecutor
 
-        ex = RayExecutor(cfg, algorithm, dataset, model_factory, placement_group=placement_group)
+        ex = RayExecutor(cfg, algorithm, dataset, model_factory, plan=plan, placement_group=placement_group)
     if cfg.runtime.mode == "async":
         from rayfed.runtime.asynchronous import AsyncDriver
 
-        return AsyncDriver.wrap(ex, cfg, dataset.client_ids)
+        return AsyncDriver.wrap(ex, cfg, plan.train_ids)
     return ex
 
 

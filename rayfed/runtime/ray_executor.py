@@ -35,11 +35,12 @@ from rayfed.algorithms.base import Algorithm, ClientUpdate
 from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
+from rayfed.plan import RunPlan, plan_run
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
 from rayfed.runtime.executor import Executor
 from rayfed.runtime.placement import Workload, plan_for_bundles, plan_for_cluster
 from rayfed.runtime.policy import FailurePolicy
-from rayfed.sampling import client_cost, sampling_schedule
+from rayfed.tensors import wire_nbytes
 
 __all__ = ["ClientActor", "RayExecutor", "ServerActor", "cause_text", "ray_session", "warm_actors"]
 
@@ -115,6 +116,10 @@ class ClientActor:
 
     def finalize(self, round: int, client_ids: list[int], broadcast, payloads) -> list:
         return self.cohort.finalize(round, client_ids, _unpacked(broadcast), payloads)
+
+    def export(self, round: int, client_ids: list[int], broadcast, payloads, directory: str) -> list:
+        """Write these clients' personalized models under ``directory`` (on this actor's node)."""
+        return self.cohort.export(round, client_ids, _unpacked(broadcast), payloads, directory)
 
     def save_states(self, directory: str) -> list[int]:
         return self.cohort.save_states(directory)
@@ -263,16 +268,16 @@ class ServerActor:
         torch.set_num_threads(threads)
         self.core: Optional[ServerCore] = None
 
-    def setup(self, *args: Any, payload_probe: Optional[int] = None) -> tuple[int, int]:
-        """Build the server state. Returns the bytes of the first broadcast (an upload-size estimate)
-        and of client ``payload_probe``'s payload (0 when None), which size the executor's calls.
+    def setup(self, *args: Any, payload_probe: Optional[int] = None, **kwargs: Any) -> tuple[int, int]:
+        """Build the server state (arguments of :class:`ServerCore`). Returns the bytes of the first
+        broadcast (an upload-size estimate) and of client ``payload_probe``'s payload (0 when None),
+        which size the executor's calls.
         """
         self.core = None
-        self.core = ServerCore(*args)
+        self.core = ServerCore(*args, **kwargs)
         self.policy = FailurePolicy(self.core.cfg.runtime)
-        nbytes = lambda d: int(sum(getattr(v, "nbytes", 0) for v in d.values()))  # noqa: E731
         probe = self.core.payloads(0, [payload_probe]).get(payload_probe, {}) if payload_probe is not None else {}
-        return nbytes(self.core.broadcast(0)), nbytes(probe)
+        return wire_nbytes(self.core.broadcast(0)), wire_nbytes(probe)
 
     def teardown(self) -> None:
         self.core = None
@@ -383,12 +388,14 @@ class RayExecutor(Executor):
     """Server and client actors on the Ray cluster this process is connected to."""
 
     def __init__(self, cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
-                 model_factory: Optional[Callable] = None, *, placement_group=None) -> None:
+                 model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None,
+                 placement_group=None) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RayExecutor needs a connected Ray; use rayfed.Federation, which joins or "
                                "starts one, or call ray.init() first")
         self.cfg = cfg
         self.policy = FailurePolicy(cfg.runtime)
+        self.run_plan = run = plan if plan is not None else plan_run(cfg, algorithm, dataset, model_factory)[0]
         # the base hook sends nothing: skip that server call (it sits on every round's critical path)
         self._has_payloads = type(algorithm).payloads is not Algorithm.payloads
         # the base broadcast is the server weights whatever the round: one object serves every call
@@ -400,18 +407,19 @@ class RayExecutor(Executor):
         self._agg_per_client = 0.0  # the server's aggregation seconds per client in the last round
         rt = cfg.runtime
         ids = list(dataset.client_ids)
-        work = _workload(cfg, algorithm, dataset)
+        work = _workload(cfg, run)
         if placement_group is not None:  # a Tune trial's group: bundle 0 hosts the trial itself
             current = ray.util.get_current_placement_group()
-            plan = plan_for_bundles(cfg, ids, placement_group.bundle_specs,
-                                    first_is_taken=current is not None and current.id == placement_group.id,
-                                    work=work)
+            placed = plan_for_bundles(cfg, ids, placement_group.bundle_specs,
+                                      first_is_taken=current is not None and current.id == placement_group.id,
+                                      work=work)
         else:
-            plan = plan_for_cluster(cfg, ids, float(ray.cluster_resources().get("CPU", 1.0)), work)
-        self.plan = plan
-        self.num_actors = len(plan.actors)
-        self.cpus_per_actor = min(a.num_cpus for a in plan.actors)
-        self.groups = [a.clients for a in plan.actors]
+            placed = plan_for_cluster(cfg, ids, float(ray.cluster_resources().get("CPU", 1.0)), work)
+        #: where the actors go and which clients each hosts
+        self.placement = placed
+        self.num_actors = len(placed.actors)
+        self.cpus_per_actor = min(a.num_cpus for a in placed.actors)
+        self.groups = [a.clients for a in placed.actors]
         self.owner = {c: i for i, g in enumerate(self.groups) for c in g}
 
         def where(bundle_index: Optional[int], default: Any) -> dict[str, Any]:
@@ -428,21 +436,24 @@ class RayExecutor(Executor):
         self._keys: dict[int, tuple] = {}
         skey = ("server", rt.server_num_cpus, server_threads)
         self.server = _acquire(RemoteServerActor, skey if self._poolable else None,
-                               {"num_cpus": rt.server_num_cpus, **where(plan.server_bundle_index, None)},
+                               {"num_cpus": rt.server_num_cpus, **where(placed.server_bundle_index, None)},
                                threads=server_threads)
         self._server_key = skey
         self.actors = []
-        for a in plan.actors:
+        for a in placed.actors:
             opts: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources),
                                     **where(a.bundle_index, "SPREAD")}
             threads = rt.torch_threads or max(1, int(a.num_cpus))
             key = ("client", a.num_cpus, a.num_gpus, tuple(sorted(dict(a.resources).items())), threads)
             self.actors.append(_acquire(RemoteClientActor, key if self._poolable else None, opts, threads))
             self._keys[len(self.actors) - 1] = key
-        server_ready = self.server.setup.remote(cfg, algorithm, dataset.info, dataset.client_sizes(),
-                                                model_factory, payload_probe=ids[0] if self._has_payloads else None)
-        setups = [actor.setup.remote(CohortSpec(cfg, algorithm, a.clients, model_factory))
-                  for actor, a in zip(self.actors, plan.actors)]
+        server_ready = self.server.setup.remote(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory,
+                                                union=run.union, partial_keys=run.partial_keys,
+                                                payload_probe=ids[0] if self._has_payloads else None)
+        # each actor receives only its own clients' shards
+        setups = [actor.setup.remote(CohortSpec(cfg, algorithm, a.clients, dataset.subset(a.clients),
+                                                run.specs_of(a.clients), run.partial_keys, model_factory))
+                  for actor, a in zip(self.actors, placed.actors)]
         # surface set-up errors (data, model) now, naming a client of the failing actor
         for i, ref in enumerate(setups):
             try:
@@ -502,8 +513,9 @@ class RayExecutor(Executor):
         """An actor's clients in calls of at most :data:`CHUNK_BYTES` of payloads (one call without)."""
         return _capped(ids, self._payload_bytes if self._has_payloads else 0.0)
 
-    def _call(self, method: str, round: int, client_ids: list[int]) -> tuple[list, list[ClientError]]:
-        """Evaluate or finalize ``client_ids`` on their actors (every actor at once).
+    def _call(self, method: str, round: int, client_ids: list[int], *extra: Any) -> tuple[list, list[ClientError]]:
+        """Evaluate, finalize or export ``client_ids`` on their actors (every actor at once; ``extra``
+        arguments follow the payloads).
 
         With per-client payloads (FedTP's generated tensors), an actor's clients go in calls of at
         most :data:`CHUNK_BYTES` of payloads, each actor's next call submitted when its last one is
@@ -519,7 +531,7 @@ class RayExecutor(Executor):
         def submit(a: int) -> None:
             ids = queues[a].pop(0)
             payload = self.server.payloads.remote(round, [ids]) if self._has_payloads else {}
-            ref = getattr(self.actors[a], method).remote(round, ids, b, payload)
+            ref = getattr(self.actors[a], method).remote(round, ids, b, payload, *extra)
             inflight[ref], owner[ref] = ids, a
 
         for a in queues:
@@ -586,6 +598,11 @@ class RayExecutor(Executor):
         self._enforce(round, client_ids, failed, "finalize")
         return ok, failed
 
+    def export(self, round: int, client_ids: list[int], directory: Path):
+        ok, failed = self._call("export", round, client_ids, str(directory))
+        self._enforce(round, client_ids, failed, "export")
+        return ok, failed
+
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         ray.get([self.server.save.remote(str(directory / "server.pt"))]
@@ -639,18 +656,14 @@ def _capped(ids: list[int], bytes_per_client: float) -> list[list[int]]:
     return [ids[i:i + per] for i in range(0, len(ids), per)]
 
 
-def _workload(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset) -> Optional[Workload]:
-    """The rounds' sampled clients and each client's local steps, for placement to balance (one
-    round of everyone under full participation); None in asynchronous mode (no rounds to balance).
+def _workload(cfg: FederationConfig, run: RunPlan) -> Optional[Workload]:
+    """The rounds' sampled clients and each client's work, for placement to balance (one round of
+    everyone under full participation); None in asynchronous mode (no rounds to balance).
     """
     if cfg.runtime.mode != "sync":
         return None
-    held = set(algorithm.holdout_clients(list(dataset.client_ids), cfg.seed))
-    ids = [c for c in dataset.client_ids if c not in held]
-    k = cfg.clients_per_round()
-    t = cfg.train
-    schedule = [sorted(ids)] if k >= len(ids) else sampling_schedule(ids, k, cfg.seed, cfg.rounds)
-    return Workload(schedule, client_cost(dataset.client_sizes(), t.batch_size, t.local_epochs, t.max_steps))
+    full = run.clients_per_round >= len(run.train_ids)
+    return Workload([list(run.train_ids)] if full else run.schedule, run.cost)
 
 
 def cause_text(e: BaseException) -> str:
