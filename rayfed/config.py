@@ -529,9 +529,6 @@ class OutputConfig:
                     "none, all, or a non-empty list of client ids >= 0")
 
 
-ROBUST_RULE_NAMES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clipping")
-
-
 @dataclass
 class AggregationConfig:
     """How the server combines the clients' shared tensors; applies to every algorithm.

@@ -175,6 +175,11 @@ class Federation:
         """
         cfg = self.config
         ds = FederatedDataset.from_config(cfg.data, cfg.seed)
+        if ds.info.multitask and not self.algorithm.supports_multitask:
+            names = [t.name for t in ds.info.task_infos()]
+            raise ConfigError(f"config key 'algorithm.name': algorithm {cfg.algorithm.name!r} trains single-task "
+                              f"models, but the data has tasks {names} (data.tasks); use an algorithm that trains "
+                              "multi-task models (e.g. fedavg, fedper, local) or a single task")
         try:
             plan, roles = plan_run(cfg, self.algorithm, ds, self.model_factory)
         except ConfigError:

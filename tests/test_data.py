@@ -208,7 +208,7 @@ def test_parquet_errors(tmp_path) -> None:
 
 
 def test_huggingface_save_to_disk(tmp_path) -> None:
-    datasets = pytest.importorskip("datasets")
+    import datasets
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c", "d"])})
     images = [{"bytes": _png(v), "path": None} for v in range(30)]
     train = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(30)]}, features=feats)
@@ -226,7 +226,7 @@ def test_huggingface_save_to_disk(tmp_path) -> None:
 
 
 def _tiny_tokenizer(folder) -> str:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "plot", "great"]
     try:
         tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})

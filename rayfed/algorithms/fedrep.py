@@ -32,6 +32,7 @@ class FedRepConfig(FedPerConfig):
 class FedRep(FedPer):
     """Head first (body frozen), then body (head frozen)."""
 
+    supports_multitask = False  # trains on x_train/y_train of a single task
     name = "fedrep"
     config_class = FedRepConfig
 

@@ -499,6 +499,7 @@ class FedTP(Algorithm):
         >>> result.summary["holdout_accuracy_mean"]             # doctest: +SKIP
     """
 
+    supports_multitask = False  # trains on x_train/y_train of a single task
     name = "fedtp"
     config_class = FedTPConfig
     config: FedTPConfig

@@ -148,6 +148,7 @@ class FFGGAggregator:
 class FFGG(Algorithm):
     """Fine-tune the private part, then send the gradient of the shared part (see module docstring)."""
 
+    supports_multitask = False  # trains on x_train/y_train of a single task
     name = "ffgg"
     config_class = FFGGConfig
     upload_kind = "gradient"

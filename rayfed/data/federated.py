@@ -163,10 +163,11 @@ class FederatedDataset:
                    test_fraction: float, seed: int, label_names: Optional[list[str]] = None) -> FederatedDataset:
         """Several tasks, each partitioned over the clients that hold it.
 
-        A task whose inputs are the same object as an earlier task's (``x is``) and that is held by
-        the same clients reuses that task's partition and reordered inputs: its clients hold the
-        same samples with another target, and no copy of the inputs is made. Otherwise the task is
-        partitioned on its own (classification targets drive label-skewed partitioners).
+        A task whose inputs are the same object as an earlier task's (``x is``) and whose clients
+        hold that task too reuses its partition: each client holds the same samples (and split)
+        with another target; when the clients are the same, the reordered inputs are shared too (no
+        copy). Otherwise the task is partitioned on its own over its clients (classification
+        targets drive label-skewed partitioners).
 
         Example:
             >>> import numpy as np
@@ -192,9 +193,11 @@ class FederatedDataset:
                 raise ValueError(f"task {s.info.name!r}: clients must be a non-empty subset of 0..{num_clients - 1}, "
                                  f"got {list(s.clients or [])}")
             y = np.asarray(s.y)
-            same = next((d for d in done if d[0].x is s.x and d[1] == clients), None)
-            if same is not None:
-                splits, reordered = same[2], same[3].x
+            same = next((d for d in done if d[0].x is s.x and set(clients) <= set(d[1])), None)
+            if same is not None:  # the same samples: each client keeps its rows and split of that task
+                pos = {c: i for i, c in enumerate(same[1])}
+                splits = [same[2][pos[c]] for c in clients]
+                reordered = same[3].x if clients == same[1] else None
             else:
                 labels = y if s.info.target == "class" else np.zeros(len(y), np.int64)
                 parts = partition_indices(labels, len(clients), partition, seed, s.groups)
