@@ -608,13 +608,15 @@ class AlgorithmConfig:
     """Base of every algorithm's config; ``name`` selects the registered algorithm.
 
     Each algorithm module subclasses this with its own fields; :func:`from_dict` picks the subclass
-    from the registry by ``name``. Every algorithm accepts ``private``: the parameter split.
+    from the registry by ``name``. Every algorithm accepts ``private`` and ``frozen``: the parameter split.
     """
 
     name: str = _f("fedavg", "registered algorithm name (rayfed.algorithms.available())")
     private: list[str] = _f([], "selectors of tensors kept private (never sent): 'preset:head', 'preset:input', "
                             "'preset:body', 'preset:norm', 'preset:lora', 'preset:adapter', "
                             "'preset:attention_qkv', 'type:ClassName' or a regex over parameter names")
+    frozen: list[str] = _f([], "selectors of tensors kept frozen: never trained, never sent (e.g. ['preset:body'] "
+                           "trains only the head of a pre-trained model); applied after algorithm.private")
 
 
 @dataclass

@@ -31,9 +31,10 @@ from rayfed.plan import RunPlan, plan_run
 
 __all__ = ["METRIC_COLUMNS", "ComparisonResult", "Federation", "FederationResult", "eval_summary", "run_comparison"]
 
-#: columns of the tidy metrics table: one row per (round, client, stage, task, metric); client_id -1
-#: holds round-level aggregates, task "" client-level (or, for single-task data, the only task's) values
-METRIC_COLUMNS = ["algorithm", "round", "client_id", "stage", "task", "metric", "value"]
+#: columns of the tidy metrics table: one row per (round, client, stage, task, exit, metric); client_id
+#: -1 holds round-level aggregates, task "" client-level (or, for single-task data, the only task's)
+#: values, exit -1 values that are not of one early exit (anytime models report each exit they have)
+METRIC_COLUMNS = ["algorithm", "round", "client_id", "stage", "task", "exit", "metric", "value"]
 
 log = logging.getLogger("rayfed")
 
@@ -84,8 +85,18 @@ def eval_summary(rows: Sequence[dict]) -> dict[str, Any]:
     Rows without ``accuracy`` (regression) give only the loss: sample-weighted ``test_loss``, and
     the per-client mean, 90th percentile and maximum of the loss. Rows of clients with several
     tasks (``{"tasks": {name: metrics}}``) give the same summary over every (client, task) pair,
-    and each task's own summary under ``tasks``.
+    and each task's own summary under ``tasks``. Rows with per-exit metrics (``{"exits": {depth:
+    metrics}, ...}``, anytime models) are summarised by their own top-level metrics, and each exit
+    over the clients that have it under ``exits``.
     """
+    if any("exits" in r for r in rows):
+        per_exit: dict[int, list[dict]] = {}
+        for r in rows:
+            for e, m in r.get("exits", {}).items():
+                per_exit.setdefault(int(e), []).append(m)
+        out = eval_summary([{k: v for k, v in r.items() if k != "exits"} for r in rows])
+        out["exits"] = {e: _summary_of(ms) for e, ms in sorted(per_exit.items())}
+        return out
     if not any("tasks" in r for r in rows):
         return _summary_of(rows)
     per_task: dict[str, list[dict]] = {}
@@ -125,7 +136,7 @@ class FederationResult:
         or of one ``task`` of multi-task data.
         """
         m = self.metrics
-        sub = m[(m.client_id == -1) & (m.stage.isin(["eval", "final"])) & (m.task == task)]
+        sub = m[(m.client_id == -1) & (m.stage.isin(["eval", "final"])) & (m.task == task) & (m.exit == -1)]
         return sub.pivot_table(index=["round", "stage"], columns="metric", values="value").reset_index()
 
 
@@ -248,18 +259,22 @@ class Federation:
             prev = Path(resume_from).parent.parent / "metrics.parquet"
             if prev.exists():
                 old = pd.read_parquet(prev)
-                if "task" not in old.columns:  # written before metrics had a task column
-                    old.insert(METRIC_COLUMNS.index("task"), "task", "")
+                for col, fill in (("task", ""), ("exit", -1)):  # written before metrics had these columns
+                    if col not in old.columns:
+                        old.insert(METRIC_COLUMNS.index(col), col, fill)
                 rows = old[old["round"] <= start].to_dict("records")
 
-        def add(r: int, cid: int, stage: str, metrics: Mapping[str, Any], task: str = "") -> None:
+        def add(r: int, cid: int, stage: str, metrics: Mapping[str, Any], task: str = "", exit: int = -1) -> None:
             for name, v in metrics.items():
                 if name == "tasks" and isinstance(v, Mapping):  # per-task metrics: rows of their task
                     for t, tm in v.items():
-                        add(r, cid, stage, tm, t)
+                        add(r, cid, stage, tm, t, exit)
+                elif name == "exits" and isinstance(v, Mapping):  # per-exit metrics: rows of their exit
+                    for e, em in v.items():
+                        add(r, cid, stage, em, task, int(e))
                 elif name != "client_id" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
                     rows.append({"algorithm": alg, "round": r, "client_id": cid, "stage": stage, "task": task,
-                                 "metric": name, "value": float(v)})
+                                 "exit": exit, "metric": name, "value": float(v)})
 
         progress = _progress(cfg.rounds, start, cfg.output.progress, alg)
         last_eval: dict = {}
@@ -286,7 +301,7 @@ class Federation:
                     add(r + 1, e["client_id"], "eval", e)
                 last_eval = eval_summary(evals)
                 add(r + 1, -1, "eval", last_eval)
-                rnd.update({k2: v for k2, v in last_eval.items() if k2 != "tasks"})
+                rnd.update({k2: v for k2, v in last_eval.items() if k2 not in ("tasks", "exits")})
             rnd["seconds"] = time.perf_counter() - t0
             add(r + 1, -1, "train", {k2: v for k2, v in rnd.items() if not k2.startswith(("accuracy", "test_"))})
             self._rounds_done = r + 1
@@ -359,8 +374,8 @@ class Federation:
             "algorithm": self.config.algorithm.name,
             "rounds": self.config.rounds,
             "num_clients": self.config.data.num_clients,
-            **{k: float(v) for k, v in final.items() if k != "tasks"},
-            **({"tasks": final["tasks"]} if "tasks" in final else {}),
+            **{k: float(v) for k, v in final.items() if k not in ("tasks", "exits")},
+            **{k: final[k] for k in ("tasks", "exits") if k in final},
             "bytes_up": float(sums.get("bytes_up", 0.0)),
             "bytes_down": float(sums.get("bytes_down", 0.0)),
             "seconds": elapsed,
@@ -413,9 +428,11 @@ def write_outputs(result: FederationResult) -> None:
 
 def _plot(metrics: pd.DataFrame, d: Path) -> None:
     """The accuracy plots of a run (or comparison) directory, and one pair per task of multi-task data."""
-    from rayfed.plots import plot_accuracy, plot_client_accuracy, tasks_of
+    from rayfed.plots import plot_accuracy, plot_client_accuracy, plot_exit_accuracy, tasks_of
 
     plot_accuracy(metrics, d / "accuracy.png")
+    if (metrics.exit >= 0).any():
+        plot_exit_accuracy(metrics, d / "exit_accuracy.png")
     for task in tasks_of(metrics):
         plot_accuracy(metrics, d / f"accuracy_{task}.png", task=task)
         plot_client_accuracy(metrics, d / f"client_accuracy_{task}.png", task=task)

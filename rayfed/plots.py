@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["plot_accuracy", "plot_client_accuracy", "tasks_of"]
+__all__ = ["plot_accuracy", "plot_client_accuracy", "plot_exit_accuracy", "tasks_of"]
 
 
 def _plt():
@@ -19,6 +19,9 @@ def _plt():
 
 
 def _of_task(metrics: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The rows of one task (``""``: not per task), without per-exit rows."""
+    if "exit" in metrics.columns:
+        metrics = metrics[metrics.exit == -1]
     return metrics[metrics.task == task] if "task" in metrics.columns else metrics
 
 
@@ -83,6 +86,29 @@ def plot_client_accuracy(metrics: pd.DataFrame, path: str | Path, *, task: str =
         ax.boxplot(data, tick_labels=labels, showmeans=True)
     ax.set_ylabel(f"final test {metric} per client")
     ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_exit_accuracy(metrics: pd.DataFrame, path: str | Path) -> Path:
+    """Final client-mean test accuracy against exit depth, one line per method (anytime models:
+    each exit averaged over the clients that have it).
+    """
+    plt = _plt()
+    m = metrics[(metrics.client_id == -1) & (metrics.exit >= 0) & (metrics.metric == "accuracy_mean")
+                & metrics.stage.isin(["eval", "final"])]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (alg, g) in enumerate(m.groupby("algorithm", sort=False)):
+        stage = "final" if (g.stage == "final").any() else "eval"
+        g = g[(g.stage == stage) & (g["round"] == g[g.stage == stage]["round"].max())].sort_values("exit")
+        ax.plot(g["exit"], g["value"], "o-", color=f"C{i}", label=alg)
+    ax.set_xlabel("exit (blocks run)")
+    ax.set_ylabel("final test accuracy (client mean)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

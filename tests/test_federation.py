@@ -154,8 +154,8 @@ def test_outputs_and_resume_from_checkpoint(tmp_path):
         assert (d / f).exists(), f
     assert len(list((d / "checkpoints/round_2/clients").glob("client_*.pt"))) == cfg.data.num_clients
     table = pd.read_parquet(d / "metrics.parquet")
-    assert list(table.columns) == ["algorithm", "round", "client_id", "stage", "task", "metric", "value"]
-    assert (table.task == "").all()  # single-task data: no per-task rows
+    assert list(table.columns) == ["algorithm", "round", "client_id", "stage", "task", "exit", "metric", "value"]
+    assert (table.task == "").all() and (table.exit == -1).all()  # single-task data, no exits
     assert json.loads((d / "summary.json").read_text())["accuracy_mean"] == full.summary["accuracy_mean"]
     # resuming after round 2 reproduces the uninterrupted run exactly (server and client state restored)
     resumed = Federation(cfg, run_dir=tmp_path / "resumed").fit(resume_from=d / "checkpoints/round_2")

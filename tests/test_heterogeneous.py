@@ -355,3 +355,41 @@ def test_peft_from_config_sends_only_adapter_tensors(kind):
     assert result.summary["roles"]["frozen"] > 0
     accuracy = result.metrics[(result.metrics.metric == "accuracy") & (result.metrics.client_id >= 0)]
     assert len(accuracy) == 2 * cfg.data.num_clients
+
+
+class TwoExits(FedAvg):
+    """Reports its test metrics at two exits (the deeper one as the headline), as anytime models do."""
+
+    name = "two_exits"
+
+    def evaluate_client(self, ctx):
+        m = super().evaluate_client(ctx)
+        shallow = {**m, "accuracy": m["accuracy"] / 2, "correct": m["correct"] // 2}
+        return {**m, "exits": {1: shallow, 2: dict(m)}}
+
+
+def test_per_exit_metrics_have_an_exit_column_summary_and_plot(monkeypatch, tmp_path):
+    _only_here(monkeypatch, TwoExits)
+    result = Federation(small_config(algorithm__name="two_exits", output__plots=True), run_dir=tmp_path).fit()
+    m = result.metrics
+    per_client = m[(m.client_id >= 0) & (m.metric == "accuracy") & (m["round"] == 2)]
+    assert sorted(set(per_client.exit)) == [-1, 1, 2]
+    for c in range(6):
+        rows = per_client[per_client.client_id == c].set_index("exit").value
+        assert rows[1] == rows[2] / 2 and rows[-1] == rows[2]
+    exits = result.summary["exits"]
+    assert exits[2]["accuracy_mean"] == pytest.approx(result.summary["accuracy_mean"])
+    assert exits[1]["accuracy_mean"] == pytest.approx(exits[2]["accuracy_mean"] / 2)
+    assert (tmp_path / "exit_accuracy.png").exists()
+    assert len(result.round_table()) == 2  # the headline rows only
+
+
+def test_frozen_selector_trains_and_sends_only_the_rest():
+    cfg = small_config(algorithm__frozen="['preset:body']")
+    result = Federation(cfg, run_dir=False).fit()
+    assert result.server_received == ["classifier.bias", "classifier.weight"]
+    ds = FederatedDataset.from_config(cfg.data, cfg.seed)
+    initial = build_model(cfg.model, ds.info, cfg.seed).state_dict()
+    head = {"classifier.bias", "classifier.weight"}
+    assert set(result.server_state.weights) == head
+    assert not np.array_equal(result.server_state.weights["classifier.weight"], initial["classifier.weight"].numpy())

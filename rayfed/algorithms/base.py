@@ -246,8 +246,11 @@ class Algorithm:
 
     # -- roles ---------------------------------------------------------------------------------
     def role_rules(self) -> list[tuple[str, Role]]:
-        """``(selector, role)`` rules applied over the default role (see :func:`assign_roles`)."""
-        return [(s, Role.PRIVATE) for s in getattr(self.config, "private", [])]
+        """``(selector, role)`` rules applied over the default role (see :func:`assign_roles`):
+        ``algorithm.private`` selectors, then ``algorithm.frozen`` ones.
+        """
+        return ([(s, Role.PRIVATE) for s in getattr(self.config, "private", [])]
+                + [(s, Role.FROZEN) for s in getattr(self.config, "frozen", [])])
 
     def default_role(self) -> Role:
         return Role.SHARED
