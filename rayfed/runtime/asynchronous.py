@@ -30,7 +30,9 @@ and Tune reports work unchanged. Two orders of arrival:
 
 Evaluation sees clients that are still in flight with the private state of their last finished
 local work (in the local executor and in Ray, client work queued before an evaluation runs
-first). In-flight work is not checkpointed: a resumed run starts new clients.
+first). A checkpoint holds the in-flight work (finished or not: it is awaited), the buffer, the
+counters and the generators (:meth:`AsyncDriver.driver_state`), so a resumed run is exactly the
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from rayfed.errors import ClientError
 from rayfed.runtime.core import ClientFailure, RoundOutcome
 from rayfed.runtime.executor import Executor, LocalExecutor
 from rayfed.runtime.policy import FailurePolicy
+from rayfed.tensors import SparseTensor, is_sparse
 
-__all__ = ["AsyncBackend", "AsyncDriver", "LocalAsyncBackend", "staleness_scale"]
+__all__ = ["AsyncBackend", "AsyncDriver", "LocalAsyncBackend", "staleness_scale", "update_from_tree", "update_tree"]
 
 
 def staleness_scale(staleness: int, n: int) -> float:
@@ -71,6 +74,18 @@ class AsyncBackend(Protocol):
 
     def apply(self, round: int, handles: list[Any], scales: list[float]) -> dict[str, float]:
         """Apply arrived updates on the server (one server step); returns server metrics."""
+
+    def result_of(self, token: Any) -> ClientUpdate | ClientFailure:
+        """The work of an in-flight ``token``, finished (waiting for it), without collecting it."""
+
+    def update_of(self, handle: Any) -> ClientUpdate:
+        """The update behind a buffered handle (from :meth:`collect`)."""
+
+    def adopt(self, nonce: int, work: ClientUpdate | ClientFailure) -> Any:
+        """A token for restored in-flight work (a resumed run)."""
+
+    def adopt_handle(self, update: ClientUpdate) -> Any:
+        """A buffer handle for a restored update (a resumed run)."""
 
 
 class LocalAsyncBackend:
@@ -99,6 +114,47 @@ class LocalAsyncBackend:
 
     def apply(self, round: int, handles: list[Any], scales: list[float]) -> dict[str, float]:
         return self.ex.server.apply_async(round, handles, scales)
+
+    def result_of(self, token: int) -> ClientUpdate | ClientFailure:
+        return self._done[token]
+
+    def update_of(self, handle: ClientUpdate) -> ClientUpdate:
+        return handle
+
+    def adopt(self, nonce: int, work: ClientUpdate | ClientFailure) -> int:
+        self._done[nonce] = work
+        return nonce
+
+    def adopt_handle(self, update: ClientUpdate) -> ClientUpdate:
+        return update
+
+
+def update_tree(u: ClientUpdate | ClientFailure) -> dict:
+    """A client update (or failure) as a tree of arrays and numbers that :mod:`rayfed.safe_io` stores."""
+    if isinstance(u, ClientFailure):
+        return {"failure": [u.client_id, u.round, u.stage, u.detail]}
+    tensors = {}
+    for k, v in u.tensors.items():
+        if is_sparse(v):
+            tensors[k] = {"sparse": [list(v.shape), v.values, v.index, v.encoding]}
+        else:
+            tensors[k] = {"dense": np.asarray(v)}
+    return {"client_id": u.client_id, "round": u.round, "num_samples": u.num_samples, "tensors": tensors,
+            "metrics": dict(u.metrics)}
+
+
+def update_from_tree(t: dict) -> ClientUpdate | ClientFailure:
+    """Inverse of :func:`update_tree`."""
+    if "failure" in t:
+        return ClientFailure(*t["failure"])
+    tensors = {}
+    for k, v in t["tensors"].items():
+        if "sparse" in v:
+            shape, values, index, encoding = v["sparse"]
+            tensors[k] = SparseTensor(tuple(shape), values, index, encoding)
+        else:
+            tensors[k] = v["dense"]
+    return ClientUpdate(int(t["client_id"]), int(t["round"]), int(t["num_samples"]), tensors, dict(t["metrics"]))
 
 
 @dataclass
@@ -244,16 +300,51 @@ class AsyncDriver(Executor):
     def export(self, round: int, client_ids: list[int], directory):
         return self.inner.export(round, client_ids, directory)
 
-    def save(self, directory) -> None:
-        self.inner.save(directory)
+    def save(self, directory, round: int = -1) -> None:
+        self.inner.save(directory, round)
 
     def restore(self, directory) -> int:
         r = self.inner.restore(directory)
-        self._started = None  # the schedule restarts at the round the loop resumes from
-        return r
+        self._started = None  # the schedule restarts at the round the loop resumes from, unless
+        return r              # load_driver_state restores it exactly
+
+    def driver_state(self) -> dict:
+        """Everything the asynchronous schedule holds between rounds, for a checkpoint: the
+        clients in flight with their finished work, the buffered updates, the counters and the
+        seeded generators, so a resumed run continues exactly where this one stopped.
+        """
+        if self._started is None:
+            return {}
+        jobs = [{"client_id": j.client_id, "nonce": j.nonce, "version": j.version, "finish": j.finish,
+                 "work": update_tree(self.backend.result_of(j.token))} for j in self.in_flight.values()]
+        return {"jobs": jobs, "buffer": [[update_tree(self.backend.update_of(h)), float(a)] for h, a in self.buffer],
+                "received": self.received, "version": self.version, "nonce": self.nonce, "clock": self.clock,
+                "started": self._started, "pick": self._pick.bit_generator.state,
+                "duration": self._duration.bit_generator.state}
+
+    def load_driver_state(self, tree: dict) -> None:
+        """Restore :meth:`driver_state` (after :meth:`restore`); an empty tree keeps the fresh schedule."""
+        if not tree:
+            return
+        self._started = int(tree["started"])
+        self.received, self.version, self.nonce = int(tree["received"]), int(tree["version"]), int(tree["nonce"])
+        self.clock = float(tree["clock"])
+        self._pick = np.random.default_rng()
+        self._pick.bit_generator.state = tree["pick"]
+        self._duration = np.random.default_rng()
+        self._duration.bit_generator.state = tree["duration"]
+        self.in_flight = {}
+        for j in tree["jobs"]:
+            token = self.backend.adopt(int(j["nonce"]), update_from_tree(j["work"]))
+            self.in_flight[int(j["nonce"])] = _Job(token, int(j["client_id"]), int(j["nonce"]), int(j["version"]),
+                                                   float(j["finish"]))
+        self.buffer = [(self.backend.adopt_handle(update_from_tree(u)), float(a)) for u, a in tree["buffer"]]
 
     def received_names(self) -> list[str]:
         return self.inner.received_names()
+
+    def drain_actor_failures(self) -> list:
+        return self.inner.drain_actor_failures()
 
     def server_state(self):
         return self.inner.server_state()

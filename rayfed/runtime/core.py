@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from rayfed.algorithms.base import AUX, Algorithm, ClientContext, ClientState, ClientUpdate
+from rayfed.algorithms.base import AUX, Algorithm, ClientContext, ClientState, ClientUpdate, ServerState
 from rayfed.clients import ClientSpec, Structure
 from rayfed.config import FederationConfig
 from rayfed.data import DatasetInfo, FederatedDataset
@@ -30,6 +30,8 @@ from rayfed.models.prepare import build_structure
 from rayfed.models.views import tensors
 from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
 from rayfed.roles import UPLOADABLE, Role, RoleMap
+from rayfed.runtime.state_store import ClientStateStore
+from rayfed.safe_io import read_state, write_state
 from rayfed.tensors import wire_nbytes
 from rayfed.training import warm_up
 
@@ -72,6 +74,7 @@ class CohortSpec:
         partial_keys: tensors only some structures hold (``RunPlan.partial_keys``).
         model_factory: the user's ``factory(info)``, if any.
         device: the torch device (default ``runtime.device``).
+        owner: the name of the cohort's state file (one per actor).
     """
 
     config: FederationConfig
@@ -82,6 +85,7 @@ class CohortSpec:
     partial_keys: frozenset = frozenset()
     model_factory: Optional[Callable[[DatasetInfo], torch.nn.Module]] = None
     device: Optional[str] = None
+    owner: str = "cohort"
 
 
 def _model_source(cfg: FederationConfig, factory):
@@ -146,7 +150,9 @@ class ClientCohort:
                                            structure, peft=_peft(cfg),
                                            partial_keys=spec.partial_keys)
             self.built[structure] = _Built(model.to(self.device), roles, spec.partial_keys)
-        self.states: dict[int, ClientState] = {}
+        self.owner = spec.owner
+        #: every client's state (private tensors, masks, extras), in memory; saved to safe files
+        self.states = ClientStateStore()
         #: SIMULATED Byzantine behaviour (config section ``attack``); None when off
         self.attack = Attack(cfg.attack, self.num_clients, cfg.seed, ds.info.num_classes, upload_kind(self.algorithm),
                              {t.name: t.num_outputs for t in ds.info.task_infos()}) if cfg.attack.enabled else None
@@ -185,9 +191,7 @@ class ClientCohort:
 
     def state_of(self, cid: int) -> ClientState:
         if cid not in self.states:
-            b = self.structure_of(cid)
-            self._reset_model(b)
-            self.states[cid] = self.algorithm.init_client(cid, b.model, b.roles)
+            self.states[cid] = self._fresh_state(cid)
         return self.states[cid]
 
     def _context(self, cid: int, round: int, stage: str, broadcast, payload,
@@ -306,28 +310,23 @@ class ClientCohort:
         return self._run(client_ids, round, "export", one)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_states(self, directory: str | os.PathLike) -> list[int]:
-        """Write each client's state to ``directory/client_<id>.pt``; returns the ids written."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        for cid, st in self.states.items():
-            cpu = ClientState(st.client_id, {k: v.detach().cpu() for k, v in st.private.items()},
-                              st.extra, st.rounds_trained)
-            tmp = d / f".client_{cid}.pt.tmp"
-            torch.save(cpu.__dict__, tmp)
-            tmp.replace(d / f"client_{cid}.pt")
+    def _fresh_state(self, cid: int) -> ClientState:
+        b = self.structure_of(cid)
+        self._reset_model(b)
+        return self.algorithm.init_client(cid, b.model, b.roles)
+
+    def save_states(self, directory: str | os.PathLike, round: int = -1) -> list[int]:
+        """Write every client state of this cohort to ``directory/<owner>.safetensors`` (one file,
+        atomic, owner-only; see :mod:`rayfed.runtime.state_store`); returns the ids written.
+        """
+        self.states.save(directory, self.owner, round=round)
         return sorted(self.states)
 
     def load_states(self, directory: str | os.PathLike) -> list[int]:
-        """Restore the states of this cohort's clients found in ``directory``."""
-        loaded = []
-        for cid in self.data:
-            p = Path(directory) / f"client_{cid}.pt"
-            if p.exists():
-                raw = torch.load(p, map_location=self.device, weights_only=False)
-                self.states[cid] = ClientState(**raw)
-                loaded.append(cid)
-        return loaded
+        """Restore this cohort's clients' states from ``directory`` (any actor layout wrote it);
+        returns the ids found. Clients without a saved state start fresh.
+        """
+        return self.states.load(directory, sorted(self.data), device=self.device, template=self._fresh_state)
 
 
 class ServerCore:
@@ -377,7 +376,6 @@ class ServerCore:
             agg = RobustAggregator(agg, self.state, self.cfg.aggregation, kind=upload_kind(self.algorithm),
                                    keys=self.roles.names(Role.SHARED),
                                    rng=np.random.default_rng([self.cfg.seed % 2**63, round, self._steps, 0xB0C]))
-        self._steps += 1
         n = 0
         for upd in updates:
             self.received.update(upd.tensors)
@@ -387,6 +385,7 @@ class ServerCore:
         if commit is not None and not commit():
             return {"aggregated": n, "committed": 0, "aggregate_seconds": time.perf_counter() - t0}
         self.state = agg.finish()
+        self._steps += 1  # only committed steps count: a rerun round draws the same bucketing as the first try
         out = {"aggregated": n, "aggregate_seconds": time.perf_counter() - t0,
                "payload_seconds": self._payload_seconds}
         if hasattr(agg, "metrics"):  # algorithm-specific server metrics (e.g. hypernetwork timings)
@@ -420,15 +419,23 @@ class ServerCore:
         return sorted(self.received)
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = Path(str(path) + ".tmp")
-        torch.save({"state": self.state, "received": self.received, "bytes_received": self.bytes_received}, tmp)
-        tmp.replace(path)
+        """Write the server state, its step counter and privacy record to one safe file (atomic, 0600)."""
+        write_state(path, self._tree())
+
+    def _tree(self) -> dict:
+        st = self.state
+        return {"weights": dict(st.weights), "extra": st.extra, "round": st.round, "received": sorted(self.received),
+                "bytes_received": self.bytes_received, "steps": self._steps}
 
     def load(self, path: str | os.PathLike) -> int:
-        raw = torch.load(path, weights_only=False)
-        self.state = raw["state"]
+        """Restore what :meth:`save` wrote; modules in the algorithm state (e.g. FedTP's hypernetwork)
+        load into this server's freshly initialised ones. Returns the round it was saved after.
+        """
+        raw = read_state(path, self._tree())
+        self.state = ServerState(raw["weights"], raw["extra"], int(raw["round"]))
         self.received = set(raw["received"])
-        self.bytes_received = raw["bytes_received"]
+        self.bytes_received = int(raw["bytes_received"])
+        self._steps = int(raw["steps"])
         return self.state.round
 
 
@@ -439,3 +446,4 @@ class RoundOutcome:
     updates: list[dict] = field(default_factory=list)  # per successful client: client_id + metrics
     failures: list = field(default_factory=list)  # ClientError per failed client
     server: dict = field(default_factory=dict)
+

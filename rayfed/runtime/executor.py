@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rayfed.algorithms.base import Algorithm
+from rayfed.checkpoint import CLIENTS_DIR, SERVER_FILE
 from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
 from rayfed.errors import ClientError
@@ -52,7 +53,8 @@ class Executor:
         """Write the clients' personalized models (see :meth:`ClientCohort.export`)."""
         raise NotImplementedError
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, round: int = -1) -> None:
+        """Write the server state and every client's state into a checkpoint folder."""
         raise NotImplementedError
 
     def restore(self, directory: Path) -> int:
@@ -63,6 +65,17 @@ class Executor:
 
     def server_state(self):
         raise NotImplementedError
+
+    def driver_state(self) -> dict:
+        """The driver's own bookkeeping a checkpoint must hold (asynchronous scheduling); default none."""
+        return {}
+
+    def load_driver_state(self, tree: dict) -> None:
+        """Restore :meth:`driver_state` after :meth:`restore`."""
+
+    def drain_actor_failures(self) -> list:
+        """The :class:`~rayfed.errors.ActorError` records since the last call (Ray: lost client actors)."""
+        return []
 
     def close(self) -> None:
         pass
@@ -79,7 +92,7 @@ class LocalExecutor(Executor):
         self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory,
                                  union=self.plan.union, partial_keys=self.plan.partial_keys)
         self.cohort = ClientCohort(CohortSpec(cfg, algorithm, list(dataset.client_ids), dataset, self.plan.specs,
-                                              self.plan.partial_keys, model_factory))
+                                              self.plan.partial_keys, model_factory, owner="local"))
 
     def _payload(self, round: int, ids: list[int]):
         return self.server.broadcast(round), self.server.payloads(round, ids)
@@ -109,14 +122,13 @@ class LocalExecutor(Executor):
         self._enforce(round, client_ids, failed, "export")
         return ok, failed
 
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.server.save(directory / "server.pt")
-        self.cohort.save_states(directory / "clients")
+    def save(self, directory: Path, round: int = -1) -> None:
+        self.server.save(directory / SERVER_FILE)
+        self.cohort.save_states(directory / CLIENTS_DIR, round)
 
     def restore(self, directory: Path) -> int:
-        r = self.server.load(directory / "server.pt")
-        self.cohort.load_states(directory / "clients")
+        r = self.server.load(directory / SERVER_FILE)
+        self.cohort.load_states(directory / CLIENTS_DIR)
         return r
 
     def received_names(self) -> list[str]:
@@ -128,12 +140,13 @@ class LocalExecutor(Executor):
 
 def make_executor(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
                   model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None,
-                  placement_group: Any = None) -> Executor:
+                  placement_group: Any = None, state_dir: Optional[str] = None) -> Executor:
     """The executor named by ``cfg.runtime.executor`` (a placement group applies to Ray only),
     wrapped in an :class:`~rayfed.runtime.asynchronous.AsyncDriver` when ``runtime.mode`` is async.
 
     ``plan`` is the run's :class:`~rayfed.plan.RunPlan` (made here with
-    :func:`rayfed.plan.plan_run` when not given).
+    :func:`rayfed.plan.plan_run` when not given); ``state_dir`` is where Ray client actors save their
+    clients' states every round, for recovery (``runtime.state_dir``; a temporary folder by default).
     """
     if plan is None:
         plan = plan_run(cfg, algorithm, dataset, model_factory)[0]
@@ -142,7 +155,8 @@ def make_executor(cfg: FederationConfig, algorithm: Algorithm, dataset: Federate
     else:
         from rayfed.runtime.ray_executor import RayExecutor
 
-        ex = RayExecutor(cfg, algorithm, dataset, model_factory, plan=plan, placement_group=placement_group)
+        ex = RayExecutor(cfg, algorithm, dataset, model_factory, plan=plan, placement_group=placement_group,
+                         state_dir=state_dir)
     if cfg.runtime.mode == "async":
         from rayfed.runtime.asynchronous import AsyncDriver
 

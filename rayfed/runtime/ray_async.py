@@ -56,3 +56,24 @@ class RayAsyncBackend:
     def apply(self, round: int, handles: list[Any], scales: list[float]) -> dict[str, float]:
         self.ex.forget_broadcast()
         return ray.get(self.ex.server.apply_async.remote(round, handles, scales))
+
+    def result_of(self, token: ray.ObjectRef) -> ClientUpdate | ClientFailure:
+        res = ray.get(token)
+        if isinstance(res, ClientFailure):
+            return res
+        meta, ref = res
+        return ClientUpdate(meta.client_id, meta.round, meta.num_samples, ray.get(ref), meta.metrics)
+
+    def update_of(self, handle: Any) -> ClientUpdate:
+        meta, ref = handle
+        return ClientUpdate(meta.client_id, meta.round, meta.num_samples, ray.get(ref), meta.metrics)
+
+    def adopt(self, nonce: int, work: ClientUpdate | ClientFailure) -> ray.ObjectRef:
+        if isinstance(work, ClientFailure):
+            return ray.put(work)
+        return ray.put((ClientUpdate(work.client_id, work.round, work.num_samples, {}, work.metrics),
+                        ray.put(work.tensors)))
+
+    def adopt_handle(self, update: ClientUpdate) -> Any:
+        return ClientUpdate(update.client_id, update.round, update.num_samples, {}, update.metrics), \
+            ray.put(update.tensors)

@@ -21,20 +21,22 @@ import logging
 import math
 import os
 import pickle
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
 from rayfed.aggregate import PackedTensors
 from rayfed.algorithms.base import Algorithm, ClientUpdate
+from rayfed.checkpoint import CLIENTS_DIR, SERVER_FILE
 from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
-from rayfed.errors import ClientError
+from rayfed.errors import ActorError, ClientError, ServerLost
 from rayfed.plan import RunPlan, plan_run
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
 from rayfed.runtime.executor import Executor
@@ -121,8 +123,8 @@ class ClientActor:
         """Write these clients' personalized models under ``directory`` (on this actor's node)."""
         return self.cohort.export(round, client_ids, _unpacked(broadcast), payloads, directory)
 
-    def save_states(self, directory: str) -> list[int]:
-        return self.cohort.save_states(directory)
+    def save_states(self, directory: str, round: int = -1) -> list[int]:
+        return self.cohort.save_states(directory, round)
 
     def load_states(self, directory: str) -> list[int]:
         return self.cohort.load_states(directory)
@@ -204,35 +206,55 @@ class _UploadBatch:
         return self._index
 
 
+def short_cause(e: BaseException) -> str:
+    """One line for a Ray error (the last line of the remote traceback, or the message's first)."""
+    text = cause_text(e).strip().splitlines()
+    last = text[-1] if text else type(e).__name__
+    return last if len(last) <= 300 else last[:297] + "..."
+
+
 class _ChunkStream:
     """A round's updates in client order, pulled from the client actors' chunks as they are ready.
 
-    ``chunks`` are ``(client_ids, reference)`` pairs (:meth:`ClientActor.train` results). Each chunk
-    is fetched once, when its first client is due, and dropped after its last; numpy arrays come out
-    of the object store zero-copy, so the heap holds about one client's converted tensors at a time.
-    A chunk whose call failed (actor died, deadline passed) fails each of its clients, naming them.
+    ``chunks`` are ``(actor index, client_ids, reference)`` triples (:meth:`ClientActor.train`
+    results). Each chunk is fetched once, when its first client is due, and dropped after its last;
+    numpy arrays come out of the object store zero-copy, so the heap holds about one client's
+    converted tensors at a time. A chunk whose actor died or missed the deadline records the actor
+    as *lost* (once, with a one-line cause); its clients are failures of the round unless the
+    executor will rerun the round (``recover``). A chunk that failed otherwise fails its clients.
     Metadata of the updates and the failures are collected for the driver.
     """
 
-    def __init__(self, round: int, chunks: list[tuple[list[int], ray.ObjectRef]], timeout_s: Optional[float]):
+    def __init__(self, round: int, chunks: list[tuple[int, list[int], ray.ObjectRef]], timeout_s: Optional[float],
+                 recover: bool = False):
         self.round = round
         self.chunks = chunks
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.timeout_s = timeout_s
+        self.recover = recover
         self.metas: list[ClientUpdate] = []
         self.failures: list[ClientFailure] = []
+        self.lost: dict[int, str] = {}  # actor index -> one-line cause
         self.wait_seconds = 0.0  # blocked on chunks still training (not aggregation work)
 
     def _fetch(self, i: int) -> tuple[dict[int, Any], Optional[_UploadBatch]]:
-        ids, ref = self.chunks[i]
+        actor, ids, ref = self.chunks[i]
         t0 = time.perf_counter()
         try:
             wait = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             results, batch = ray.get(ref, timeout=wait)
-        except GetTimeoutError:
-            detail = f"not done within runtime.round_timeout_s={self.timeout_s}"
-            return {c: ClientFailure(c, self.round, "timeout", detail) for c in ids}, None
-        except RayError as e:  # the actor died, or the call failed outside the clients' own code
+        except (GetTimeoutError, RayActorError) as e:
+            if isinstance(e, GetTimeoutError):
+                cause = f"not done within the round deadline (runtime.round_timeout_s={self.timeout_s:.4g})"
+            else:
+                cause = short_cause(e)
+            self.lost.setdefault(actor, cause)
+            if self.recover:
+                return {}, None
+            stage = "timeout" if isinstance(e, GetTimeoutError) else "train"
+            detail = f"client actor {actor} lost: {self.lost[actor]}"
+            return {c: ClientFailure(c, self.round, stage, detail) for c in ids}, None
+        except RayError as e:  # the call failed outside the clients' own code
             detail = cause_text(e)
             return {c: ClientFailure(c, self.round, "train", detail) for c in ids}, None
         finally:
@@ -240,18 +262,20 @@ class _ChunkStream:
         return {r.client_id: r for r in results}, batch
 
     def __iter__(self) -> Iterator[ClientUpdate]:
-        where = {c: i for i, (ids, _) in enumerate(self.chunks) for c in ids}
-        left = [len(ids) for ids, _ in self.chunks]
+        where = {c: i for i, (_, ids, _) in enumerate(self.chunks) for c in ids}
+        left = [len(ids) for _, ids, _ in self.chunks]
         held: dict[int, tuple[dict[int, Any], Optional[_UploadBatch]]] = {}
         for c in sorted(where):
             i = where[c]
             if i not in held:
                 held[i] = self._fetch(i)
             results, batch = held[i]
-            r = results[c]
+            r = results.get(c)
             left[i] -= 1
             if left[i] == 0:
                 del held[i]
+            if r is None:  # its actor is lost and the round will be rerun
+                continue
             if isinstance(r, ClientFailure):
                 self.failures.append(r)
                 continue
@@ -291,22 +315,27 @@ class ServerActor:
         out = [{c: per[c] for c in g if c in per} for g in groups]
         return out if len(groups) > 1 else out[0]
 
-    def train_round(self, round: int, chunks: list[tuple[list[int], ray.ObjectRef]], num_sampled: int,
-                    timeout_s: Optional[float]) -> tuple[dict, dict]:
-        """Aggregate a round as its chunks arrive; commit unless the failure policy says otherwise.
+    def train_round(self, round: int, chunks: list[tuple[int, list[int], ray.ObjectRef]], num_sampled: int,
+                    timeout_s: Optional[float], recover: bool = False) -> tuple[dict, dict]:
+        """Aggregate a round as its chunks arrive; commit unless the failure policy says otherwise,
+        or (``recover``) a client actor was lost, in which case the driver reruns the round.
 
         ``chunks`` holds references nested in a list, so this call starts at once and overlaps the
         aggregation of early chunks with the training of later ones. Returns ``(report, broadcast)``:
-        the report holds the updates' metadata, the failures and the server metrics; the broadcast
-        is the next round's (called with ``num_returns=2``, it goes straight to the object store).
+        the report holds the updates' metadata, the failures, the lost actors and the server
+        metrics; the broadcast is the next round's (called with ``num_returns=2``, it goes straight
+        to the object store).
         """
-        stream = _ChunkStream(round, chunks, timeout_s)
-        server = self.core.aggregate(
-            round, stream, commit=lambda: self.policy.survives(num_sampled, len(stream.failures)))
+        stream = _ChunkStream(round, chunks, timeout_s, recover)
+
+        def commit() -> bool:
+            return not (recover and stream.lost) and self.policy.survives(num_sampled, len(stream.failures))
+
+        server = self.core.aggregate(round, stream, commit=commit)
         # aggregate_seconds: the server's own work, without the time it waited for chunks to train
         server["aggregate_seconds"] = max(0.0, server["aggregate_seconds"] - stream.wait_seconds)
         server["wait_seconds"] = stream.wait_seconds
-        report = {"metas": stream.metas, "failures": stream.failures, "server": server}
+        report = {"metas": stream.metas, "failures": stream.failures, "lost": stream.lost, "server": server}
         return report, self.broadcast(round + 1)
 
     def apply_async(self, round: int, items: list[tuple[ClientUpdate, ray.ObjectRef]], scales: list[float]) -> dict:
@@ -389,7 +418,7 @@ class RayExecutor(Executor):
 
     def __init__(self, cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
                  model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None,
-                 placement_group=None) -> None:
+                 placement_group=None, state_dir: Optional[str] = None) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RayExecutor needs a connected Ray; use rayfed.Federation, which joins or "
                                "starts one, or call ray.init() first")
@@ -406,6 +435,11 @@ class RayExecutor(Executor):
         self._payload_bytes = 0.0  # one client's payload (FedTP's generated tensors), measured at set-up
         self._agg_per_client = 0.0  # the server's aggregation seconds per client in the last round
         rt = cfg.runtime
+        #: where actors save their clients' states after each round (for recovery; see runtime.recovery)
+        self.state_dir = state_dir or rt.state_dir or tempfile.mkdtemp(prefix="rayfed-state-")
+        self._durations: dict[str, float] = {}  # slowest call of each kind so far (automatic deadlines)
+        self._persisting: list[ray.ObjectRef] = []
+        self._actor_failures: list[ActorError] = []
         ids = list(dataset.client_ids)
         work = _workload(cfg, run)
         if placement_group is not None:  # a Tune trial's group: bundle 0 hosts the trial itself
@@ -442,6 +476,7 @@ class RayExecutor(Executor):
         self.actors = []
         for a in placed.actors:
             opts: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources),
+                                    "max_restarts": -1 if rt.recovery != "none" else 0,
                                     **where(a.bundle_index, "SPREAD")}
             threads = rt.torch_threads or max(1, int(a.num_cpus))
             key = ("client", a.num_cpus, a.num_gpus, tuple(sorted(dict(a.resources).items())), threads)
@@ -451,9 +486,10 @@ class RayExecutor(Executor):
                                                 union=run.union, partial_keys=run.partial_keys,
                                                 payload_probe=ids[0] if self._has_payloads else None)
         # each actor receives only its own clients' shards
-        setups = [actor.setup.remote(CohortSpec(cfg, algorithm, a.clients, dataset.subset(a.clients),
-                                                run.specs_of(a.clients), run.partial_keys, model_factory))
-                  for actor, a in zip(self.actors, placed.actors)]
+        self._specs = [CohortSpec(cfg, algorithm, a.clients, dataset.subset(a.clients), run.specs_of(a.clients),
+                                  run.partial_keys, model_factory, owner=f"actor_{i}")
+                       for i, a in enumerate(placed.actors)]
+        setups = [actor.setup.remote(spec) for actor, spec in zip(self.actors, self._specs)]
         # surface set-up errors (data, model) now, naming a client of the failing actor
         for i, ref in enumerate(setups):
             try:
@@ -523,10 +559,15 @@ class RayExecutor(Executor):
         object store, however many clients there are (at ViT-Base size one client's generated Q/K/V
         is about 80 MB).
         """
+        t0 = time.monotonic()
         b = self._broadcast_ref(round)
-        queues = {a: self._waves(ids) for a, ids in self._by_actor(client_ids)}
+        by_actor = dict(self._by_actor(client_ids))
+        queues = {a: self._waves(ids) for a, ids in by_actor.items()}
         inflight: dict[ray.ObjectRef, list[int]] = {}
         owner: dict[ray.ObjectRef, int] = {}
+        results: dict[int, list] = {a: [] for a in by_actor}  # per actor: its results so far
+        failures: dict[int, list[ClientError]] = {a: [] for a in by_actor}
+        retried: set[int] = set()
 
         def submit(a: int) -> None:
             ids = queues[a].pop(0)
@@ -534,58 +575,161 @@ class RayExecutor(Executor):
             ref = getattr(self.actors[a], method).remote(round, ids, b, payload, *extra)
             inflight[ref], owner[ref] = ids, a
 
+        def lose(actors: list[int], cause: str) -> list[int]:
+            """Record lost actors; restart and requeue (all their clients, once) those that may retry."""
+            again = [a for a in actors if self.cfg.runtime.recovery != "none" and a not in retried]
+            self._lost([ActorError(a, by_actor[a], round + 1, method, cause, recovered=a in again) for a in actors])
+            for ref in [r for r, a in owner.items() if a in actors]:
+                del inflight[ref], owner[ref]
+            if self.cfg.runtime.recovery != "none":
+                self._restart(actors)
+            for a in actors:
+                results[a] = []
+                if a in again:
+                    retried.add(a)
+                    failures[a] = []
+                    queues[a] = self._waves(by_actor[a])
+                else:
+                    queues[a] = []
+                    failures[a] = [ClientError(c, round, method, f"client actor {a} lost: {cause}")
+                                   for c in by_actor[a]]
+            return again
+
         for a in queues:
             submit(a)
-        timeout = self.cfg.runtime.round_timeout_s
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out: list = []
-        failures: list[ClientError] = []
+        deadline_s = self._deadline(method)
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
         while inflight:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
-            if not ready:  # past the deadline: whatever is not done is dropped
-                late = [c for ids in inflight.values() for c in ids] + [c for q in queues.values()
-                                                                       for ids in q for c in ids]
-                failures += [ClientError(c, round, "timeout", f"not done within runtime.round_timeout_s="
-                                         f"{timeout}") for c in sorted(late)]
-                break
+            if not ready:  # past the deadline: the actors still busy are treated as lost
+                late = sorted(set(owner.values()))
+                for a in lose(late, f"not done within the deadline (runtime.round_timeout_s={deadline_s:.4g})"):
+                    submit(a)
+                deadline = None if deadline_s is None else time.monotonic() + deadline_s
+                continue
             ref = ready[0]
             ids, a = inflight.pop(ref), owner.pop(ref)
             try:
                 res = ray.get(ref)
+            except RayActorError as e:
+                if lose([a], short_cause(e)):
+                    submit(a)
+                continue
             except RayError as e:
-                failures += [ClientError(c, round, method, cause_text(e)) for c in ids]
+                failures[a] += [ClientError(c, round, method, cause_text(e)) for c in ids]
             else:
                 ok, failed = self._split(res)
-                out += ok
-                failures += failed
+                results[a] += ok
+                failures[a] += failed
             if queues[a]:
                 submit(a)
+        self._took(method, time.monotonic() - t0)
         # results in client order whatever the actor layout (tables and aggregation are deterministic)
-        out.sort(key=lambda r: r["client_id"])
-        failures.sort(key=lambda f: f.client_id)
-        return out, failures
+        out = sorted((r for rs in results.values() for r in rs), key=lambda r: r["client_id"])
+        return out, sorted((f for fs in failures.values() for f in fs), key=lambda f: f.client_id)
+
+    # -- deadlines and recovery ----------------------------------------------------------------
+    def _deadline(self, kind: str) -> Optional[float]:
+        """Seconds a call of ``kind`` (train, evaluate, save...) may take (``runtime.round_timeout_s``)."""
+        rt = self.cfg.runtime
+        if rt.round_timeout_s is None:
+            return None
+        if kind == "setup":  # (re)starting an actor: building models and loading states, not a round's work
+            return 5 * rt.min_timeout_s
+        if rt.round_timeout_s != "auto":
+            return float(rt.round_timeout_s)
+        slowest = self._durations.get(kind)
+        return 5 * rt.min_timeout_s if slowest is None else max(rt.min_timeout_s, 10 * slowest)
+
+    def _took(self, kind: str, seconds: float) -> None:
+        self._durations[kind] = max(self._durations.get(kind, 0.0), seconds)
+
+    def drain_actor_failures(self) -> list[ActorError]:
+        out, self._actor_failures = self._actor_failures, []
+        return out
+
+    def _lost(self, events: list[ActorError]) -> None:
+        for e in events:
+            log.warning("%s", e)
+        self._actor_failures += events
+
+    def _restart(self, actors: list[int]) -> None:
+        """Restart client actors (killing one that stopped responding; Ray starts it again), build
+        their cohorts again and load their clients' states saved after the last complete round.
+        """
+        for a in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors[a], no_restart=False)
+        wait = self._deadline("setup")
+        until = None if wait is None else time.monotonic() + wait
+        for a in actors:
+            pause = 0.2
+            while True:  # calls fail while Ray restarts the process; the first one after it succeeds
+                try:
+                    left = None if until is None else max(1.0, until - time.monotonic())
+                    ray.get(self.actors[a].setup.remote(self._specs[a]), timeout=left)
+                    ray.get(self.actors[a].load_states.remote(self.state_dir), timeout=left)
+                    break
+                except (RayActorError, GetTimeoutError) as e:
+                    gone = isinstance(e, ActorDiedError) and "restart" not in str(e).lower()
+                    if gone or (until is not None and time.monotonic() > until):
+                        raise RuntimeError(f"client actor {a} could not be restarted after it was lost: "
+                                           f"{short_cause(e)}") from e
+                    time.sleep(pause)
+                    pause = min(2.0, pause * 2)
+
+    def _rollback(self, actors: Iterable[int]) -> None:
+        """Reload the clients' states saved after the last complete round (undo a round's training)."""
+        ray.get([self.actors[a].load_states.remote(self.state_dir) for a in actors], timeout=self._deadline("setup"))
+
+    def _persist(self, round: int, actors: Iterable[int]) -> None:
+        """Queue each actor's state save after its training of ``round`` (awaited before the next round)."""
+        if self.cfg.runtime.recovery == "none":
+            return
+        self._persisting = [self.actors[a].save_states.remote(self.state_dir, round + 1) for a in actors]
+
+    def _await_persisted(self) -> None:
+        refs, self._persisting = self._persisting, []
+        if refs:
+            ray.get(refs, timeout=self._deadline("save"))
 
     # -- rounds --------------------------------------------------------------------------------
-    def train_round(self, round: int, client_ids: list[int]) -> RoundOutcome:
+    def train_round(self, round: int, client_ids: list[int], *, _rerun: bool = False) -> RoundOutcome:
+        self._await_persisted()
+        t0 = time.monotonic()
         parts = self._by_actor(client_ids)
         b, prefs = self._payload_refs(round, parts)
-        chunks = [(ids, self.actors[a].train.remote(round, ids, b, prefs[i]))
+        chunks = [(a, ids, self.actors[a].train.remote(round, ids, b, prefs[i]))
                   for i, (a, group) in enumerate(parts) for ids in self._chunks(group)]
+        recover = self.cfg.runtime.recovery == "exact" and not _rerun
         report_ref, next_b = self.server.train_round.options(num_returns=2).remote(
-            round, chunks, len(client_ids), self.cfg.runtime.round_timeout_s)
+            round, chunks, len(client_ids), self._deadline("train"), recover)
         try:
             report = ray.get(report_ref)
         except RayError as e:
             self._bcast = None
-            raise RuntimeError(f"the server actor failed in round {round} (stage aggregate): {cause_text(e)}") from e
+            raise ServerLost(f"the server actor failed in round {round + 1} (stage aggregate): "
+                             f"{short_cause(e)}") from e
         self._bcast = (round + 1, next_b)
+        lost: dict[int, str] = report["lost"]
+        if lost:
+            groups = dict(parts)
+            self._lost([ActorError(a, groups[a], round + 1, "train", cause, recovered=recover)
+                        for a, cause in sorted(lost.items())])
+            if self.cfg.runtime.recovery != "none":
+                self._restart(sorted(lost))
+            if recover:  # the server did not commit: roll every client back and run the round again
+                self._rollback([a for a, _ in parts if a not in lost])
+                return self.train_round(round, client_ids, _rerun=True)
         metas: list[ClientUpdate] = report["metas"]
-        failed = [ClientError(f.client_id, f.round, f.stage, f.detail) for f in report["failures"]]
+        failed = [f.to_error() for f in report["failures"]]
         self._enforce(round, client_ids, failed, "train")  # the server did not commit if this raises
         if metas:
             self._bytes_per_client = max(m.metrics.get("bytes_up", 0) for m in metas)
             self._agg_per_client = report["server"].get("aggregate_seconds", 0.0) / len(metas)
+        self._took("train", time.monotonic() - t0)
+        self._persist(round, [a for a, _ in parts if a not in lost])
         return RoundOutcome([m.report() for m in metas], failed, report["server"])
 
     def evaluate(self, round: int, client_ids: list[int]):
@@ -603,15 +747,32 @@ class RayExecutor(Executor):
         self._enforce(round, client_ids, failed, "export")
         return ok, failed
 
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        ray.get([self.server.save.remote(str(directory / "server.pt"))]
-                + [a.save_states.remote(str(directory / "clients")) for a in self.actors])
+    def save(self, directory: Path, round: int = -1) -> None:
+        """Write a checkpoint; an actor that does not answer in time is restarted (from its clients'
+        states saved after the last round, which are what it holds) and asked again once.
+        """
+        self._await_persisted()
+        wait = self._deadline("save")
+        server = self.server.save.remote(str(directory / SERVER_FILE))
+        calls = {i: a.save_states.remote(str(directory / CLIENTS_DIR), round) for i, a in enumerate(self.actors)}
+        for i, ref in calls.items():
+            try:
+                ray.get(ref, timeout=wait)
+            except (RayActorError, GetTimeoutError) as e:
+                cause = "not done within the deadline" if isinstance(e, GetTimeoutError) else short_cause(e)
+                self._lost([ActorError(i, self.groups[i], round, "save", cause, recovered=True)])
+                self._restart([i])
+                ray.get(self.actors[i].save_states.remote(str(directory / CLIENTS_DIR), round), timeout=wait)
+        try:
+            ray.get(server, timeout=wait)
+        except (RayError, GetTimeoutError) as e:
+            raise ServerLost(f"the server actor failed while saving a checkpoint to {str(directory)!r}: "
+                             f"{short_cause(e)}") from e
 
     def restore(self, directory: Path) -> int:
         self.forget_broadcast()
-        ray.get([a.load_states.remote(str(directory / "clients")) for a in self.actors])
-        return ray.get(self.server.load.remote(str(directory / "server.pt")))
+        ray.get([a.load_states.remote(str(directory / CLIENTS_DIR)) for a in self.actors])
+        return ray.get(self.server.load.remote(str(directory / SERVER_FILE)))
 
     def received_names(self) -> list[str]:
         return ray.get(self.server.received_names.remote())
