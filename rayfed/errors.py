@@ -34,7 +34,8 @@ class ClientError(RuntimeError):
 
     Attributes:
         client_id: the failing client.
-        round: the round (0-based) in which it failed; -1 for set-up, ``rounds`` for finalize.
+        round: the round in which it failed, numbered as in the metrics table (from 1; the
+            post-training stage is round ``rounds``); -1 for set-up.
         stage: what the client was doing: ``"setup"``, ``"train"``, ``"evaluate"``, ``"finalize"``
             or ``"timeout"``.
         detail: the formatted cause (traceback text when it came from a remote actor).

@@ -189,7 +189,7 @@ class Federation:
         ckpt = None
         if resume_from is not None:
             ckpt = latest_checkpoint(resume_from)
-            check_checkpoint(ckpt, cfg)
+            self._resume_round = int(check_checkpoint(ckpt, cfg)["round"])
         ds, plan = self._validated or self._validate()  # before any actor starts
         self._validated = None
         run_dir = self._make_run_dir()
@@ -226,7 +226,8 @@ class Federation:
         failures: list[Union[ClientError, ActorError]] = []
         start = 0
         if ckpt is not None:
-            start = ex.restore(ckpt)
+            ex.restore(ckpt)
+            start = self._resume_round  # rounds of the run (the server's own count is of its steps)
             if (ckpt / DRIVER_FILE).exists():
                 ex.load_driver_state(read_state(ckpt / DRIVER_FILE))
             self._rounds_done = start
@@ -243,8 +244,7 @@ class Federation:
             sampled = plan.sampled(r)
             try:
                 out = ex.train_round(r, sampled)
-            except ServerLost as e:
-                log_.flush(r)
+            except ServerLost as e:  # every complete round's metrics are already on disk
                 raise self._stopped(run_dir, r + 1, e) from e
             failures += out.failures
             lost = ex.drain_actor_failures()
@@ -293,7 +293,7 @@ class Federation:
         if self.algorithm.has_finalize:
             _, ffail = ex.finalize(cfg.rounds, ids)
             failures += ffail
-            evals, efail = ex.evaluate(cfg.rounds, ids)
+            evals, efail = ex.evaluate(cfg.rounds - 1, ids)  # after round `rounds` (runtime rounds are 0-based)
             failures += efail + ex.drain_actor_failures()
             for e in evals:
                 add(cfg.rounds, e["client_id"], "final", e)
@@ -304,7 +304,7 @@ class Federation:
         if run_dir is not None and cfg.output.export != "none":
             wanted = ids if cfg.output.export == "all" else [c for c in cfg.output.export if c in set(ids)]
             exported = run_dir / "export"
-            _, xfail = ex.export(cfg.rounds, wanted, exported)
+            _, xfail = ex.export(cfg.rounds - 1, wanted, exported)
             failures += xfail + ex.drain_actor_failures()
         server_state = ex.server_state()  # one fetch: for FedTP on Ray it carries the hypernetwork
         if held:

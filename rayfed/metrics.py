@@ -59,7 +59,7 @@ class MetricsLog:
 
     def flush(self, round: int) -> None:
         """Write the rows recorded since the last flush as ``metrics/round_<round>.parquet``."""
-        if self.directory is None:
+        if self.directory is None or self._flushed == len(self.rows):
             return
         new = pd.DataFrame(self.rows[self._flushed:], columns=METRIC_COLUMNS)
         buf = io.BytesIO()

@@ -63,6 +63,14 @@ class RunPlan:
     structures: list[Structure]
     union: Structure
     partial_keys: frozenset[str] = field(default_factory=frozenset)
+    #: per structure, the tensors its clients upload (checked by the server); filled like partial_keys
+    upload_keys: dict[Structure, frozenset[str]] = field(default_factory=dict)
+    #: ``key -> (shape, dtype)`` of every tensor any client uploads; filled like partial_keys
+    upload_shapes: dict[str, tuple] = field(default_factory=dict)
+
+    def expected_uploads(self) -> dict[int, frozenset[str]]:
+        """The tensors each client's updates must hold (those of its structure)."""
+        return {c: self.upload_keys.get(s.structure, frozenset()) for c, s in self.specs.items()}
 
     def sampled(self, round: int) -> list[int]:
         """The clients trained in ``round`` (seeded by the seed and the round only)."""

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -49,6 +50,8 @@ from rayfed.algorithms.base import AUX, Aggregator, ClientUpdate, ServerState
 from rayfed.config import AggregationConfig, AttackConfig
 from rayfed.data.info import ClientData
 from rayfed.tensors import is_sparse
+
+log = logging.getLogger("rayfed")
 
 __all__ = ["Attack", "RobustAggregator", "byzantine_clients", "from_update", "to_update", "upload_kind"]
 
@@ -95,6 +98,7 @@ class RobustAggregator:
         self.inner, self.state, self.cfg, self.kind, self.rng = inner, state, cfg, kind, rng
         self.keys = list(keys)
         self.updates: list[ClientUpdate] = []
+        self._warned = False
 
     def add(self, update: ClientUpdate) -> None:
         self.updates.append(update)
@@ -102,12 +106,14 @@ class RobustAggregator:
     def consensus(self) -> dict[str, np.ndarray]:
         """The robust aggregate of the buffered updates over the keys every one of them holds."""
         ups = self.updates
-        sparse = sorted({k for u in ups for k, v in u.tensors.items() if is_sparse(v)})
-        if sparse:
-            raise ValueError(f"aggregation.rule={self.cfg.rule!r} needs dense updates, but clients sent sparse "
-                             f"(masked) tensors {sparse[:3]}; robust rules compare whole vectors, so use "
-                             "aggregation.rule=mean (bucket_size 0) with masked roles")
-        keys = [k for k in self.keys if not k.startswith(AUX) and all(k in u.tensors for u in ups)]
+        # sparse (masked) tensors differ in support between clients, so whole-vector rules do not apply
+        # to them: they pass through to the inner aggregator (a per-coordinate holder mean)
+        sparse = {k for u in ups for k, v in u.tensors.items() if is_sparse(v)}
+        if sparse and not self._warned:
+            log.warning("aggregation.rule=%r: the masked (sparse) tensors %s are averaged over their holders, not "
+                        "robustly; the dense shared tensors are aggregated robustly", self.cfg.rule, sorted(sparse)[:3])
+            self._warned = True
+        keys = [k for k in self.keys if not k.startswith(AUX) and k not in sparse and all(k in u.tensors for u in ups)]
         if not ups or not keys:
             return {}
         base = self.state.weights

@@ -202,7 +202,7 @@ def read_state(path: str | os.PathLike, template: Any = None) -> Any:
     try:
         tensors = load(data)
         meta = _metadata(data)
-    except (SafetensorError, ValueError, OSError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise UnsafeStateError(f"{str(p)!r} is not a rayfed state file (safetensors with a JSON tree): {e}; files "
                                "from other programs (e.g. a pickle) are never loaded") from e
     if _META_KEY not in meta:
@@ -211,8 +211,17 @@ def read_state(path: str | os.PathLike, template: Any = None) -> Any:
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a :func:`write_state` file (without reading its tensors)."""
-    return {k: v for k, v in _metadata(Path(path).read_bytes()).items() if k != _META_KEY}
+    """The string metadata of a :func:`write_state` file (without reading its tensors).
+
+    Raises:
+        UnsafeStateError: the file is not a safetensors file.
+    """
+    try:
+        meta = _metadata(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UnsafeStateError(f"{str(path)!r} is not a rayfed state file (safetensors with a JSON tree): {e}; "
+                               "files from other programs (e.g. a pickle) are never loaded") from e
+    return {k: v for k, v in meta.items() if k != _META_KEY}
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -59,9 +59,9 @@ def test_unknown_algorithm_lists_registered():
     with pytest.raises(ConfigError, match=r"config key 'algorithm.name': unknown algorithm 'fedprox' .*"
                                           r"registered algorithms: .*fedavg.*fedper.*local"):
         load_config(None, ["algorithm.name=fedprox"])
-    with pytest.raises(ConfigError, match=r"config key 'compare\[1\]': unknown algorithm 'fedpar' \(did you "
+    with pytest.raises(ConfigError, match=r"config key 'compare\[1\]': unknown algorithm 'fedperr' \(did you "
                                           r"mean 'fedper'\?\)"):
-        from_dict({"compare": ["fedavg", "fedpar"]})
+        from_dict({"compare": ["fedavg", "fedperr"]})
 
 
 def test_algorithm_specific_unknown_option():

@@ -127,19 +127,22 @@ def test_failing_client_is_dropped_and_recorded():
     res = Federation(cfg, run_dir=False).fit()
     assert len(res.failures) == 1
     f = res.failures[0]
-    assert (f.client_id, f.round, f.stage) == (3, 1, "train")
+    assert (f.client_id, f.round, f.stage) == (3, 2, "train")  # rounds numbered as in the metrics table
     assert "boom on purpose" in str(f) and "ValueError" in f.detail
+    trained = res.metrics[(res.metrics.stage == "train") & (res.metrics.metric == "train_loss")]
+    by_round = trained.groupby("round").client_id.apply(set)
+    assert 3 not in by_round[f.round] and 3 in by_round[1]
 
 
 def test_failing_client_raises_client_error_when_asked():
     cfg = small_config(rounds=2, algorithm__name="test_fails_on_client_3", runtime__on_client_failure="raise")
-    with pytest.raises(ClientError, match=r"client 3 failed in round 1 during train: ValueError: boom on purpose"):
+    with pytest.raises(ClientError, match=r"client 3 failed in round 2 during train: ValueError: boom on purpose"):
         Federation(cfg, run_dir=False).fit()
 
 
 def test_lost_quorum_raises():
     cfg = small_config(rounds=2, algorithm__name="test_fails_on_client_3", runtime__min_quorum=1.0)
-    with pytest.raises(ClientError, match=r"client 3 failed in round 1 during train") as info:
+    with pytest.raises(ClientError, match=r"client 3 failed in round 2 during train") as info:
         Federation(cfg, run_dir=False).fit()
     assert "1 of 6 clients failed in train; the quorum runtime.min_quorum=1.0 needs 6" in info.value.detail
 

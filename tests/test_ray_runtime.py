@@ -82,11 +82,11 @@ def test_failing_client_on_ray_names_client_round_stage(ray_cluster):
     cfg = small_config(rounds=2, algorithm__name="test_fails_remotely", runtime__executor="ray",
                        runtime__num_actors=2, runtime__num_cpus_per_actor=0.5)
     res = Federation(cfg, run_dir=False).fit()
-    assert [(f.client_id, f.round, f.stage) for f in res.failures] == [(4, 0, "train"), (4, 1, "train")]
+    assert [(f.client_id, f.round, f.stage) for f in res.failures] == [(4, 1, "train"), (4, 2, "train")]
     assert "remote boom" in res.failures[0].detail
     cfg = small_config(rounds=2, algorithm__name="test_fails_remotely", runtime__executor="ray",
                        runtime__num_actors=2, runtime__num_cpus_per_actor=0.5, runtime__on_client_failure="raise")
-    with pytest.raises(ClientError, match=r"client 4 failed in round 0 during train: RuntimeError: remote boom"):
+    with pytest.raises(ClientError, match=r"client 4 failed in round 1 during train: RuntimeError: remote boom"):
         Federation(cfg, run_dir=False).fit()
 
 

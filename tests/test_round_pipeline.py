@@ -267,7 +267,7 @@ def test_a_client_actor_dying_mid_round_fails_its_clients_by_name(ray_cluster, m
         dead = ex.groups[ex.owner[1]]
         out = ex.train_round(0, list(range(6)))
         failed = sorted((f.client_id, f.round, f.stage) for f in out.failures)
-        assert failed == [(c, 0, "train") for c in dead]
+        assert failed == [(c, 1, "train") for c in dead]
         assert f"client actor {ex.owner[1]} lost" in out.failures[0].detail
         (lost,) = ex.drain_actor_failures()  # recorded once, for the actor, with a one-line cause
         assert lost.clients == dead and lost.round == 1 and not lost.recovered and "\n" not in lost.cause

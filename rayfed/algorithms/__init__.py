@@ -39,8 +39,8 @@ def create(config) -> Algorithm:
     return get_algorithm(config.name)(config)
 
 
-from rayfed.algorithms import fedavg, fedrep, fedtp, ffgg, local  # noqa: E402  (registers the built-ins)
+from rayfed.algorithms import anytime, fedavg, fedrep, fedspa, fedtp, ffgg, local, tap  # noqa: E402  (registers the built-ins)
 
-for _mod in (fedavg, fedrep, fedtp, ffgg, local):
+for _mod in (anytime, fedavg, fedrep, fedspa, fedtp, ffgg, local, tap):
     for _cls in _mod.ALGORITHMS:
         register_algorithm(_cls)

@@ -317,6 +317,16 @@ class Algorithm:
                                generator=ctx.generator, device=ctx.device)
         return self.upload(ctx), metrics
 
+    #: names of ``aux/`` entries (without the prefix) this method's uploads may carry, besides model
+    #: tensors; the server refuses any other ``aux/`` entry
+    aux_uploads: ClassVar[frozenset[str]] = frozenset()
+
+    def upload_keys(self, model: torch.nn.Module, roles: RoleMap) -> list[str]:
+        """The model tensors :meth:`upload` sends for a model of these roles: the server checks that
+        every update holds exactly these (and refuses any other name). Default: the server-held ones.
+        """
+        return roles.names(*SERVER_HELD)
+
     def upload(self, ctx: ClientContext) -> Mapping[str, Any]:
         """Copies of the server-held (shared, masked, tiered) tensors: one buffer when they share a
         dtype; a masked tensor with a mask in the client's state goes as a

@@ -86,7 +86,7 @@ from rayfed.algorithms.base import (
 from rayfed.config import AlgorithmConfig, TrainConfig, require
 from rayfed.data.info import ClientData, DatasetInfo
 from rayfed.errors import ConfigError
-from rayfed.roles import Role, RoleMap
+from rayfed.roles import SERVER_HELD, Role, RoleMap
 
 __all__ = [
     "FedTP",
@@ -553,7 +553,11 @@ class FedTP(Algorithm):
     def upload(self, ctx: ClientContext) -> dict[str, np.ndarray]:
         """Shared tensors plus this client's trained generated tensors (consumed by the hypernetwork)."""
         sd = ctx.model.state_dict()
-        return {k: to_numpy(sd[k]) for k in ctx.roles.names(Role.SHARED, Role.GENERATED)}
+        return {k: to_numpy(sd[k]) for k in self.upload_keys(ctx.model, ctx.roles)}
+
+    def upload_keys(self, model: nn.Module, roles: RoleMap) -> list[str]:
+        """The server-held tensors and the trained generated ones."""
+        return roles.names(*SERVER_HELD, Role.GENERATED)
 
     # -- clients kept out of training ----------------------------------------------------------
     def holdout_clients(self, client_ids: Sequence[int], seed: int) -> list[int]:

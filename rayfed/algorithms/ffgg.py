@@ -38,7 +38,7 @@ from rayfed.aggregate import StreamingMean
 from rayfed.algorithms.base import AUX, Algorithm, ClientContext, ClientState, ClientUpdate, ServerState, to_numpy
 from rayfed.config import AlgorithmConfig, require
 from rayfed.errors import ConfigError
-from rayfed.roles import Role, RoleMap
+from rayfed.roles import SERVER_HELD, Role, RoleMap
 
 __all__ = ["FFGG", "FFGGAggregator", "FFGGConfig", "server_step"]
 
@@ -160,6 +160,11 @@ class FFGG(Algorithm):
             state.extra["private_init"] = {k: v.clone() for k, v in state.private.items()}
         return state
 
+    def upload_keys(self, model: torch.nn.Module, roles: RoleMap) -> list[str]:
+        """Gradients of the server-held parameters (buffers have none and keep the server's values)."""
+        held = set(roles.names(*SERVER_HELD))
+        return [n for n, _ in model.named_parameters() if n in held]
+
     def aggregator(self, state: ServerState, round: int) -> FFGGAggregator:
         return FFGGAggregator(state, self.config)
 
@@ -168,7 +173,7 @@ class FFGG(Algorithm):
 
         cfg, model, d = self.config, ctx.model, ctx.data
         private = ctx.roles.names(Role.PRIVATE)
-        shared = [n for n, _ in model.named_parameters() if ctx.roles.roles.get(n) == Role.SHARED]
+        shared = self.upload_keys(model, ctx.roles)
         if cfg.reinit_private:
             sd = model.state_dict()
             with torch.no_grad():

@@ -20,8 +20,9 @@ from rayfed.config import DataConfig, PartitionConfig
 from rayfed.data.info import ClientData, DatasetInfo, Inputs, TaskData, TaskInfo
 from rayfed.data.partition import partition_indices, split_train_test
 from rayfed.data.sources import label_names, load_source, table_to_arrays, task_targets
+from rayfed.errors import ConfigError
 
-__all__ = ["FederatedDataset", "TaskSource"]
+__all__ = ["FederatedDataset", "TaskSource", "check_samples"]
 
 
 @dataclass
@@ -41,6 +42,32 @@ class TaskSource:
     y: np.ndarray
     clients: Optional[Sequence[int]] = None
     groups: Optional[np.ndarray] = None
+
+
+def check_samples(x: Inputs, y: np.ndarray, target: str, where: str) -> None:
+    """Refuse NaN or infinite inputs or targets and negative class labels, naming where and how many rows.
+
+    Raises:
+        ConfigError: with the place (a column or a task), the number of bad rows and the fix.
+    """
+    inputs = x.items() if isinstance(x, Mapping) else [("inputs", x)]
+    for name, a in inputs:
+        a = np.asarray(a)
+        if a.dtype.kind in "fc":
+            bad = int((~np.isfinite(a.reshape(len(a), -1))).any(axis=1).sum()) if len(a) else 0
+            if bad:
+                raise ConfigError(f"{where}: {bad} of {len(a)} rows have NaN or infinite {name}; fill or drop them "
+                                  "before building the federation")
+    y = np.asarray(y)
+    if y.dtype.kind in "fc" and len(y):
+        bad = int((~np.isfinite(y.reshape(len(y), -1))).any(axis=1).sum())
+        if bad:
+            raise ConfigError(f"{where}: {bad} of {len(y)} targets are NaN or infinite; fill or drop those rows")
+    if target == "class" and len(y):
+        bad = int((y < 0).sum())
+        if bad:
+            raise ConfigError(f"{where}: {bad} of {len(y)} labels are negative (e.g. {int(y[y < 0][0])}); class ids "
+                              "must be 0, 1, 2, ...: fix or drop those rows")
 
 
 def _take(x: Inputs, order: np.ndarray) -> Inputs:
@@ -136,6 +163,10 @@ class FederatedDataset:
 
             x, y, info, splits = make_partial_linear(cfg, seed)
             return cls(x, y, info, splits)
+        if cfg.source == "archetypes":  # clients holding (modality, task) pairs of several sets
+            from rayfed.data.archetypes import load_archetypes
+
+            return load_archetypes(cfg, seed)
         table, info = load_source(cfg, seed)
         x, y, groups = table_to_arrays(table, info)
         if not cfg.tasks:
@@ -153,7 +184,12 @@ class FederatedDataset:
                     partition: PartitionConfig, test_fraction: float, seed: int,
                     groups: Optional[np.ndarray] = None,
                     label_names: Optional[list[str]] = None) -> FederatedDataset:
-        """Partition in-memory arrays (``x`` shaped ``(n, *info.feature_shape)``, ``y`` int labels)."""
+        """Partition in-memory arrays (``x`` shaped ``(n, *info.feature_shape)``, ``y`` int labels).
+
+        Raises:
+            ConfigError: NaN or infinite features or targets, or negative labels (counting the rows).
+        """
+        check_samples(x, y, "regression" if info.task == "regression" else "class", "the data's samples")
         parts = partition_indices(y, num_clients, partition, seed, groups)
         splits = [split_train_test(p, y, test_fraction, seed, cid) for cid, p in enumerate(parts)]
         return cls(x, y, info, splits, label_names)
@@ -193,6 +229,7 @@ class FederatedDataset:
                 raise ValueError(f"task {s.info.name!r}: clients must be a non-empty subset of 0..{num_clients - 1}, "
                                  f"got {list(s.clients or [])}")
             y = np.asarray(s.y)
+            check_samples(s.x, y, s.info.target, f"task {s.info.name!r}")
             same = next((d for d in done if d[0].x is s.x and set(clients) <= set(d[1])), None)
             if same is not None:  # the same samples: each client keeps its rows and split of that task
                 pos = {c: i for i, c in enumerate(same[1])}

@@ -307,7 +307,9 @@ def _labels(col: pa.ChunkedArray, cfg: DataConfig, where: str, hint: Optional[in
                               "must be class ids or class names")
         y = raw.astype(np.int64)
         if y.min() < 0:
-            _, y = np.unique(y, return_inverse=True)
+            bad = int((y < 0).sum())
+            raise ConfigError(f"{key} holds {bad} negative label(s) (e.g. {int(y[y < 0][0])}); class ids must be "
+                              "0, 1, 2, ... (or class names): fix or drop those rows")
         k = max(int(y.max()) + 1, hint or 0)
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         uniq, y = np.unique(col.to_numpy(zero_copy_only=False).astype(str), return_inverse=True)

@@ -126,7 +126,11 @@ def build_model(cfg: ModelConfig | ModelFactory, info: DatasetInfo, seed: int) -
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        if isinstance(cfg, ModelConfig):
+        if isinstance(cfg, ModelConfig) and cfg.name == "experts":  # towers, fusion experts, task heads
+            from rayfed.models.experts import build_experts
+
+            model = build_experts(cfg, info)
+        elif isinstance(cfg, ModelConfig):
             model = build_model_for_one_task(cfg, info) if not info.multitask else _multitask(cfg, info)
         elif callable(cfg):
             model = cfg(info)

@@ -179,7 +179,8 @@ def check_structures(plan: RunPlan, source: ModelSource, info: DatasetInfo, seed
                      peft: Optional[PeftConfig] = None) -> dict[Structure, RoleMap]:
     """Build the server's model and every client structure's once (on the driver, before any actor
     starts), check that each structure's server-held tensors are tensors of the server's model with
-    the same shapes, and record in ``plan.partial_keys`` the tensors only some structures hold.
+    the same shapes, and record in the plan the tensors only some structures hold
+    (``partial_keys``) and what each structure uploads (``upload_keys``, ``upload_shapes``).
 
     Returns:
         The role map of each structure and of ``plan.union`` (which tiers became ``tiered``).
@@ -203,4 +204,17 @@ def check_structures(plan: RunPlan, source: ModelSource, info: DatasetInfo, seed
                                   f"has {got}; {type(algorithm).__name__}.prepare_model must keep the names and shapes "
                                   "of server-held tensors the same in every structure")
     plan.partial_keys = structure_keys(built)
-    return {s: _roles(algorithm, model, plan.partial_keys) for s, (model, _) in built.items()}
+    roles = {s: _roles(algorithm, model, plan.partial_keys) for s, (model, _) in built.items()}
+    for s, (model, _) in built.items():
+        keys = algorithm.upload_keys(model, roles[s])
+        plan.upload_keys[s] = frozenset(keys)
+        sd = model.state_dict()
+        for k in keys:
+            plan.upload_shapes.setdefault(k, (tuple(sd[k].shape), _np_dtype(sd[k].dtype)))
+    return roles
+
+
+def _np_dtype(dtype: torch.dtype) -> Any:
+    import numpy as np
+
+    return np.dtype(str(dtype).replace("torch.", ""))

@@ -190,6 +190,7 @@ class AsyncDriver(Executor):
         self.mean_duration = {c: float(np.exp(a.delay_spread * zc)) for c, zc in zip(self.ids, z)}
         self.in_flight: dict[int, _Job] = {}
         self.buffer: list[tuple[Any, float]] = []
+        self.refused: list[ClientError] = []  # updates the server refused (validation), reported with the round
         self.received = 0
         self.version = 0
         self.nonce = 0
@@ -237,6 +238,7 @@ class AsyncDriver(Executor):
         handles, scales = [h for h, _ in self.buffer], [s for _, s in self.buffer]
         self.buffer = []
         out = self.backend.apply(round, handles, scales)
+        self.refused += [f.to_error() for f in out.pop("rejected", [])]
         self.version += 1
         return out
 
@@ -280,7 +282,9 @@ class AsyncDriver(Executor):
                 server = self._apply(round)
                 steps += 1
                 agg_seconds += float(server.get("aggregate_seconds", 0.0))
-        self.policy.enforce(len(rows) + len(failures), failures, "train")
+        refused, self.refused = self.refused, []
+        failures += refused  # arrived (counted in rows), but refused by the server's checks
+        self.policy.enforce(len(rows) + len(failures) - len(refused), failures, "train")
         elapsed = time.perf_counter() - t0
         metrics = {**server, "aggregate_seconds": agg_seconds, "updates": float(len(rows)), "steps": float(steps),
                    "staleness_mean": float(np.mean(staleness)) if staleness else float("nan"),

@@ -28,11 +28,13 @@ from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.errors import ClientError
 from rayfed.models.prepare import build_structure
 from rayfed.models.views import tensors
+from rayfed.plan import RunPlan
 from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
-from rayfed.roles import UPLOADABLE, Role, RoleMap
+from rayfed.roles import SERVER_HELD, UPLOADABLE, Role, RoleMap
 from rayfed.runtime.state_store import ClientStateStore
+from rayfed.runtime.validation import UpdateValidator
 from rayfed.safe_io import read_state, write_state
-from rayfed.tensors import wire_nbytes
+from rayfed.tensors import SparseTensor, is_sparse, wire_nbytes
 from rayfed.training import warm_up
 
 __all__ = ["ClientCohort", "ClientFailure", "CohortSpec", "ServerCore", "client_seed"]
@@ -56,8 +58,12 @@ class ClientFailure:
     detail: str
 
     def to_error(self) -> ClientError:
-        """The :class:`~rayfed.errors.ClientError` this failure is reported as."""
-        return ClientError(self.client_id, self.round, self.stage, self.detail)
+        """The :class:`~rayfed.errors.ClientError` this failure is reported as, numbering rounds as the
+        metrics table does (from 1; ``round`` here is the runtime's 0-based round of the work, and
+        the post-training stage runs at ``rounds``).
+        """
+        shown = self.round if self.stage == "finalize" or self.round < 0 else self.round + 1
+        return ClientError(self.client_id, shown, self.stage, self.detail)
 
 
 @dataclass
@@ -219,6 +225,9 @@ class ClientCohort:
         roles = self.structure_of(cid).roles
         for k in tensors:
             if k.startswith(AUX):
+                if k[len(AUX):] not in self.algorithm.aux_uploads:
+                    raise RuntimeError(f"{type(self.algorithm).__name__}.local_update tried to upload {k!r}, an "
+                                       "'aux/' entry the algorithm does not declare in aux_uploads")
                 continue
             role = roles.roles.get(k)
             if role not in UPLOADABLE:
@@ -275,8 +284,10 @@ class ClientCohort:
         """
         (res,) = self.train(round, [client_id], broadcast, payloads, seed_round=nonce)
         if isinstance(res, ClientUpdate) and upload_kind(self.algorithm) == "weights":
-            res.tensors = {k: (to_update(v, broadcast[k], "weights").astype(np.asarray(v).dtype, copy=False)
-                               if k in broadcast and not k.startswith(AUX) else v) for k, v in res.tensors.items()}
+            held = set(self.structure_of(client_id).roles.names(*SERVER_HELD))
+            start = {**payloads.get(client_id, {}), **broadcast}  # what the client started from
+            res.tensors = {k: (difference(v, start[k]) if k in held and k in start else v)
+                           for k, v in res.tensors.items()}
         return res
 
     def evaluate(self, round: int, client_ids: list[int], broadcast: Mapping[str, np.ndarray],
@@ -329,6 +340,18 @@ class ClientCohort:
         return self.states.load(directory, sorted(self.data), device=self.device, template=self._fresh_state)
 
 
+def difference(value: Any, start: Any) -> Any:
+    """``value - start`` (an asynchronous weight upload relative to what the client started from),
+    keeping ``value``'s form: a sparse upload gives a sparse difference at its own positions (a
+    sparse ``start`` counts as zero off its positions).
+    """
+    base = start.to_dense() if is_sparse(start) else np.asarray(start)
+    if is_sparse(value):
+        vals = (value.values.astype(np.float64) - base.reshape(-1)[value.positions()]).astype(value.dtype)
+        return SparseTensor(value.shape, vals, value.index, value.encoding)
+    return to_update(value, base, "weights").astype(np.asarray(value).dtype, copy=False)
+
+
 class ServerCore:
     """The server: shared state, aggregation and per-client payloads.
 
@@ -337,14 +360,15 @@ class ServerCore:
     """
 
     def __init__(self, config: FederationConfig, algorithm: Algorithm, info: DatasetInfo,
-                 client_sizes: Mapping[int, int], model_factory=None, *, union: Structure,
-                 partial_keys: frozenset = frozenset()) -> None:
+                 client_sizes: Mapping[int, int], model_factory=None, *, plan: RunPlan) -> None:
         self.cfg = config
         self.algorithm = algorithm
         if config.runtime.torch_threads:
             torch.set_num_threads(config.runtime.torch_threads)
-        model, self.roles = build_structure(_model_source(config, model_factory), info, config.seed, algorithm, union,
-                                            peft=_peft(config), partial_keys=partial_keys)
+        model, self.roles = build_structure(_model_source(config, model_factory), info, config.seed, algorithm,
+                                            plan.union, peft=_peft(config), partial_keys=plan.partial_keys)
+        #: refuses updates with names the roles do not allow, missing tensors, bad shapes, NaN/Inf
+        self.validator = UpdateValidator(plan.upload_shapes, plan.expected_uploads(), algorithm.aux_uploads)
         self.state = algorithm.init_server(model, self.roles, dict(client_sizes), config.seed)
         warm_up(config.train)  # server optimizers (FFGG, FedTP's hypernetwork) start warm too
         #: every tensor name this server has ever received from a client (for privacy audits)
@@ -363,12 +387,15 @@ class ServerCore:
         return out
 
     def aggregate(self, round: int, updates: Iterable[ClientUpdate],
-                  commit: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+                  commit: Optional[Callable[[int], bool]] = None) -> dict[str, Any]:
         """Feed updates one at a time (the caller may stream them) and step the server state.
 
-        ``commit``, when given, is asked after the last update whether the round stands (e.g. the
-        quorum held while updates streamed in); when it says no, the server state is left as it was
-        (aggregators only change it in ``finish``) and the result has ``committed=0``.
+        Each update is checked first (:class:`~rayfed.runtime.validation.UpdateValidator`); a refused
+        one never reaches the aggregator and is returned under ``rejected`` (a
+        :class:`ClientFailure` with the reason). ``commit``, when given, is asked after the last
+        update, with the number refused, whether the round stands (e.g. the quorum held while updates
+        streamed in); when it says no, the server state is left as it was (aggregators only change
+        it in ``finish``) and the result has ``committed=0``.
         """
         t0 = time.perf_counter()
         agg = self.algorithm.aggregator(self.state, round)
@@ -377,17 +404,23 @@ class ServerCore:
                                    keys=self.roles.names(Role.SHARED),
                                    rng=np.random.default_rng([self.cfg.seed % 2**63, round, self._steps, 0xB0C]))
         n = 0
+        rejected: list[ClientFailure] = []
         for upd in updates:
             self.received.update(upd.tensors)
             self.bytes_received += upd.nbytes
+            reason = self.validator.check(upd)
+            if reason is not None:
+                rejected.append(ClientFailure(upd.client_id, round, "validate", f"update refused: {reason}"))
+                continue
             agg.add(upd)
             n += 1
-        if commit is not None and not commit():
-            return {"aggregated": n, "committed": 0, "aggregate_seconds": time.perf_counter() - t0}
+        if commit is not None and not commit(len(rejected)):
+            return {"aggregated": n, "committed": 0, "aggregate_seconds": time.perf_counter() - t0,
+                    "rejected": rejected}
         self.state = agg.finish()
         self._steps += 1  # only committed steps count: a rerun round draws the same bucketing as the first try
         out = {"aggregated": n, "aggregate_seconds": time.perf_counter() - t0,
-               "payload_seconds": self._payload_seconds}
+               "payload_seconds": self._payload_seconds, "rejected": rejected}
         if hasattr(agg, "metrics"):  # algorithm-specific server metrics (e.g. hypernetwork timings)
             out.update(agg.metrics())
         return out
@@ -408,6 +441,10 @@ class ServerCore:
                 for k, v in u.tensors.items():
                     if k.startswith(AUX) or (kind == "weights" and k not in weights):
                         t[k] = v
+                    elif is_sparse(v):  # a difference at the client's positions, rebased there
+                        base = weights[k].reshape(-1)[v.positions()] if kind == "weights" else 0.0
+                        vals = (base + float(a) * v.values.astype(np.float64)).astype(v.dtype)
+                        t[k] = SparseTensor(v.shape, vals, v.index, v.encoding)
                     else:
                         t[k] = from_update(float(a) * np.asarray(v, np.float64), weights.get(k), kind,
                                            np.asarray(v).dtype)

@@ -89,8 +89,7 @@ class LocalExecutor(Executor):
         self.cfg = cfg
         self.policy = FailurePolicy(cfg.runtime)
         self.plan = plan if plan is not None else plan_run(cfg, algorithm, dataset, model_factory)[0]
-        self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory,
-                                 union=self.plan.union, partial_keys=self.plan.partial_keys)
+        self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory, plan=self.plan)
         self.cohort = ClientCohort(CohortSpec(cfg, algorithm, list(dataset.client_ids), dataset, self.plan.specs,
                                               self.plan.partial_keys, model_factory, owner="local"))
 
@@ -100,9 +99,14 @@ class LocalExecutor(Executor):
     def train_round(self, round: int, client_ids: list[int]) -> RoundOutcome:
         b, p = self._payload(round, client_ids)
         ok, failed = self._split(self.cohort.train(round, client_ids, b, p))
-        self._enforce(round, client_ids, failed, "train")
-        server = self.server.aggregate(round, sorted(ok, key=lambda u: u.client_id))
-        return RoundOutcome([u.report() for u in ok], failed, server)
+        server = self.server.aggregate(round, sorted(ok, key=lambda u: u.client_id),
+                                       commit=lambda refused: self.policy.survives(len(client_ids),
+                                                                                   len(failed) + refused))
+        refused = [f.to_error() for f in server.pop("rejected")]
+        failed = sorted(failed + refused, key=lambda f: f.client_id)
+        self._enforce(round, client_ids, failed, "train")  # the server did not commit if this raises
+        gone = {f.client_id for f in refused}
+        return RoundOutcome([u.report() for u in ok if u.client_id not in gone], failed, server)
 
     def evaluate(self, round: int, client_ids: list[int]):
         b, p = self._payload(round, client_ids)

@@ -47,7 +47,7 @@ class RayAsyncBackend:
         try:
             res = ray.get(token)
         except RayError as e:  # the actor died or the call failed outside the client's own code
-            return ClientError(client_id, round, "train", cause_text(e)), None
+            return ClientFailure(client_id, round, "train", cause_text(e)).to_error(), None
         if isinstance(res, ClientFailure):
             return res.to_error(), None
         meta, ref = res

@@ -328,14 +328,19 @@ class ServerActor:
         """
         stream = _ChunkStream(round, chunks, timeout_s, recover)
 
-        def commit() -> bool:
-            return not (recover and stream.lost) and self.policy.survives(num_sampled, len(stream.failures))
+        def commit(refused: int) -> bool:
+            return not (recover and stream.lost) and self.policy.survives(num_sampled,
+                                                                          len(stream.failures) + refused)
 
         server = self.core.aggregate(round, stream, commit=commit)
+        refused = server.pop("rejected")
         # aggregate_seconds: the server's own work, without the time it waited for chunks to train
         server["aggregate_seconds"] = max(0.0, server["aggregate_seconds"] - stream.wait_seconds)
         server["wait_seconds"] = stream.wait_seconds
-        report = {"metas": stream.metas, "failures": stream.failures, "lost": stream.lost, "server": server}
+        gone = {f.client_id for f in refused}
+        report = {"metas": [m for m in stream.metas if m.client_id not in gone],
+                  "failures": sorted(stream.failures + refused, key=lambda f: f.client_id), "lost": stream.lost,
+                  "server": server}
         return report, self.broadcast(round + 1)
 
     def apply_async(self, round: int, items: list[tuple[ClientUpdate, ray.ObjectRef]], scales: list[float]) -> dict:
@@ -483,8 +488,7 @@ class RayExecutor(Executor):
             self.actors.append(_acquire(RemoteClientActor, key if self._poolable else None, opts, threads))
             self._keys[len(self.actors) - 1] = key
         server_ready = self.server.setup.remote(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory,
-                                                union=run.union, partial_keys=run.partial_keys,
-                                                payload_probe=ids[0] if self._has_payloads else None)
+                                                plan=run, payload_probe=ids[0] if self._has_payloads else None)
         # each actor receives only its own clients' shards
         self._specs = [CohortSpec(cfg, algorithm, a.clients, dataset.subset(a.clients), run.specs_of(a.clients),
                                   run.partial_keys, model_factory, owner=f"actor_{i}")
@@ -591,7 +595,7 @@ class RayExecutor(Executor):
                     queues[a] = self._waves(by_actor[a])
                 else:
                     queues[a] = []
-                    failures[a] = [ClientError(c, round, method, f"client actor {a} lost: {cause}")
+                    failures[a] = [ClientFailure(c, round, method, f"client actor {a} lost: {cause}").to_error()
                                    for c in by_actor[a]]
             return again
 
@@ -617,7 +621,7 @@ class RayExecutor(Executor):
                     submit(a)
                 continue
             except RayError as e:
-                failures[a] += [ClientError(c, round, method, cause_text(e)) for c in ids]
+                failures[a] += [ClientFailure(c, round, method, cause_text(e)).to_error() for c in ids]
             else:
                 ok, failed = self._split(res)
                 results[a] += ok

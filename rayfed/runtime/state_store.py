@@ -104,7 +104,8 @@ class ClientStateStore:
         a rolled-back client that had no state yet starts fresh again. ``template(cid)`` gives a fresh
         state whose modules saved ones load into.
         """
-        found = read_client_states(directory, device=device, template=template) if Path(directory).is_dir() else {}
+        found = (read_client_states(directory, device=device, template=template, client_ids=client_ids)
+                 if Path(directory).is_dir() else {})
         wanted = list(found) if client_ids is None else list(client_ids)
         for cid in wanted:
             if cid in found:
@@ -115,11 +116,13 @@ class ClientStateStore:
 
 
 def read_client_states(directory: str | os.PathLike, *, device: Optional[torch.device] = None,
-                       template: Optional[Callable[[int], ClientState]] = None) -> dict[int, ClientState]:
+                       template: Optional[Callable[[int], ClientState]] = None,
+                       client_ids: Optional[list[int]] = None) -> dict[int, ClientState]:
     """Every client state saved in ``directory`` (all its ``*.safetensors`` files), without Ray.
 
     ``template(cid)``, when given, is a fresh state of that client: ``nn.Module`` objects it keeps
     (e.g. a personal model) receive the saved weights (no module is ever built from a file).
+    ``client_ids`` restricts the result to those clients (files without any of them are skipped).
 
     Raises:
         FileNotFoundError: ``directory`` does not exist.
@@ -129,14 +132,20 @@ def read_client_states(directory: str | os.PathLike, *, device: Optional[torch.d
     if not d.is_dir():
         raise FileNotFoundError(f"no client state folder {str(d)!r}")
     out: dict[int, ClientState] = {}
+    wanted = None if client_ids is None else {int(c) for c in client_ids}
     for f in sorted(d.glob(f"*{STATE_SUFFIX}")):
         clients = json.loads(read_meta(f).get("clients", "[]"))
-        tpl = {str(c): _tree(template(c)) for c in clients} if template is not None else None
+        mine = [c for c in clients if wanted is None or c in wanted]
+        if not mine:
+            continue
+        tpl = {str(c): _tree(template(c)) for c in mine} if template is not None else None
         tree = read_state(f, tpl)
         if not isinstance(tree, dict):
             raise UnsafeStateError(f"{str(f)!r} is not a file of client states")
         for key, st in tree.items():
             cid = int(key)
+            if wanted is not None and cid not in wanted:
+                continue
             if cid in out:
                 raise UnsafeStateError(f"client {cid} has a state in two files of {str(d)!r}")
             out[cid] = _state(cid, st, device)
