@@ -1,4 +1,4 @@
-"""The ``rayfed`` command line: ``run``, ``partition``, ``report``, ``tune``, ``data``.
+"""The ``rayfed`` command line: ``run``, ``partition``, ``report``, ``export``, ``tune``, ``data``.
 
 ``rayfed run`` with no config runs the built-in experiment (FedAvg, FedPer, Local, FedTP and
 Personalized-T on scikit-learn's digits with label skew). Configs are YAML; ``--set a.b=c`` overrides any key.
@@ -104,6 +104,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rayfed.export import export_run
+
+    clients = "all" if args.clients == "all" else [int(c) for c in args.clients.split(",") if c.strip()]
+    paths = export_run(args.run_dir, out=args.out, clients=clients)
+    for cid, path in sorted(paths.items()):
+        print(f"client {cid}: {path}")
+    print(f"{len(paths)} client model(s) written under {args.out}")
+    return 0
+
+
 def cmd_partition(args) -> int:
     from rayfed.data import FederatedDataset, plot_label_distribution
 
@@ -164,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest complete "
                    "checkpoint, in the same run directory (CONFIG defaults to RUN_DIR/config.yaml)")
     r.set_defaults(fn=cmd_run)
+
+    ex = sub.add_parser("export", help="write clients' personalized models of a run (HF / PEFT folders)")
+    ex.add_argument("run_dir", help="a run directory (its final checkpoint) or a checkpoint folder")
+    ex.add_argument("--clients", default="all", help="all, or client ids such as 0,3,7")
+    ex.add_argument("--out", required=True, help="folder to write client_<id>/ folders into")
+    ex.set_defaults(fn=cmd_export)
 
     pa = sub.add_parser("partition", help="print a per-client summary of the data split")
     common(pa, "YAML config (default: the built-in experiment)")

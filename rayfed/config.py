@@ -479,6 +479,9 @@ class ModelConfig:
     linear_head_features: Optional[int] = _f(
         None, "name=linear: trailing input features read only by the 'head' block (the rest feed 'body'); "
         "null = the data's own split (partial_linear: its private_dim), else every feature goes to 'head'")
+    factory: Optional[str] = _f(
+        None, "set by rayfed when a Python model_factory built the model (module:name); such a config describes "
+        "another model than its other keys, so running or exporting from it needs the same factory")
     peft: PeftConfig = field(default_factory=PeftConfig, metadata={
         "help": "parameter-efficient fine-tuning through HF PEFT (LoRA, IA3, prompt tuning); off by default"})
     experts: ExpertsConfig = field(default_factory=ExpertsConfig, metadata={

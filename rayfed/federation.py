@@ -73,6 +73,16 @@ class FederationResult:
     failures: list[ClientError] = field(default_factory=list)
     server_received: list[str] = field(default_factory=list)
     server_state: Any = None
+    model_factory: Any = field(default=None, repr=False)
+
+    def export(self, out: Union[str, Path], clients: Union[str, Sequence[int]] = "all") -> dict[int, Path]:
+        """Write clients' personalized models from the run's final checkpoint (see :func:`rayfed.export.export_run`)."""
+        from rayfed.export import export_run
+
+        if self.run_dir is None:
+            raise RuntimeError("export needs a run directory with a final checkpoint (output.save_final: true and a "
+                               "run that writes a directory)")
+        return export_run(self.run_dir, out=out, clients=clients, model_factory=self.model_factory)
 
     def round_table(self, task: str = "") -> pd.DataFrame:
         """Round-level evaluation metrics, one row per evaluated round: over every client (and task),
@@ -102,6 +112,11 @@ class Federation:
                  placement_group: Any = None) -> None:
         self.config = _coerce(config)
         self.model_factory = model_factory
+        if model_factory is not None:  # recorded, so that config.yaml does not pretend to describe the model
+            qual = getattr(model_factory, "__qualname__", repr(model_factory))
+            name = f"{getattr(model_factory, '__module__', '?')}:{qual}"
+            self.config = from_dict({**to_dict(self.config), "model": {**to_dict(self.config)["model"],
+                                                                       "factory": name}})
         self.callbacks = list(callbacks)
         self.algorithm = create(self.config.algorithm)
         self._run_dir_arg = run_dir
@@ -135,6 +150,11 @@ class Federation:
         every client structure and of the server (built once each, with their roles).
         """
         cfg = self.config
+        if cfg.model.factory and self.model_factory is None:
+            raise ConfigError(f"config key 'model.factory': this config was written by a run whose model came from the "
+                              f"Python model_factory {cfg.model.factory}, which its model section does not describe; "
+                              "pass Federation(cfg, model_factory=...) with that factory, or set model.factory: null "
+                              "to train the model the config describes")
         ds = FederatedDataset.from_config(cfg.data, cfg.seed)
         if ds.info.multitask and not self.algorithm.supports_multitask:
             names = [t.name for t in ds.info.task_infos()]
@@ -320,7 +340,7 @@ class Federation:
         summary["clients_missing"] = len(ids) - evaluated
         if exported is not None:
             summary["export_dir"] = str(exported)
-        result = FederationResult(cfg, metrics, summary, run_dir, failures, received, server_state)
+        result = FederationResult(cfg, metrics, summary, run_dir, failures, received, server_state, self.model_factory)
         if run_dir is not None:
             write_outputs(result)
         return result

@@ -308,14 +308,18 @@ class ClientCohort:
 
     def export(self, round: int, client_ids: list[int], broadcast: Mapping[str, np.ndarray],
                payloads: Mapping[int, Mapping[str, np.ndarray]], directory: str) -> list[dict | ClientFailure]:
-        """Write each client's personalized model (as evaluated) to ``directory/client_<id>``: a PEFT
-        adapter folder for PEFT models, else a Hugging Face ``save_pretrained`` folder.
+        """Write each client's personalized model (as evaluated) to ``directory/client_<id>``
+        (:func:`rayfed.models.export.export_model`: a PEFT adapter folder, a Hugging Face
+        ``save_pretrained`` folder, or a state dict in safetensors).
         """
-        from rayfed.models.peft import export_adapter
+        from rayfed.models.export import export_model
 
         def one(cid: int) -> dict:
             ctx = self._context(cid, round, "export", broadcast, payloads.get(cid, {}))
-            path = export_adapter(ctx.model, Path(directory) / f"client_{cid}")
+            spec = self.specs[cid]
+            path = export_model(ctx.model, Path(directory) / f"client_{cid}",
+                                meta={"client_id": cid, "round": round + 1, "algorithm": self.cfg.algorithm.name,
+                                      "tier": spec.tier, "tasks": list(spec.tasks)})
             return {"client_id": cid, "path": str(path)}
 
         return self._run(client_ids, round, "export", one)
