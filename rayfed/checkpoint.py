@@ -43,7 +43,8 @@ MANIFEST = "rayfed_checkpoint.json"
 _FREE = ("output", "rounds", "compare", "runtime.executor", "runtime.address", "runtime.num_actors",
          "runtime.num_cpus_per_actor", "runtime.num_gpus_per_actor", "runtime.resources_per_actor",
          "runtime.server_num_cpus", "runtime.round_timeout_s", "runtime.sites", "runtime.actors_per_site",
-         "runtime.on_client_failure", "runtime.min_quorum", "runtime.recovery", "runtime.device")
+         "runtime.on_client_failure", "runtime.min_quorum", "runtime.recovery", "runtime.device",
+         "runtime.min_timeout_s", "runtime.placement_timeout_s", "runtime.state_dir")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

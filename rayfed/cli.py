@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from rayfed.errors import ClientError, ConfigError, RunStopped
+from rayfed.errors import ClientError, ConfigError, RunInterrupted, RunStopped
 
 __all__ = ["main"]
 
@@ -243,4 +243,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     except RunStopped as e:
         print(f"rayfed: {e}", file=sys.stderr)
-        return 1
+        return 130 if isinstance(e, RunInterrupted) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -590,6 +590,9 @@ class RuntimeConfig:
         "runtime.min_timeout_s (no deadline in the first round); null = wait for ever. An actor trains its clients "
         "in one call (or a few), so a slow client also makes the others of its call late")
     min_timeout_s: float = _f(120.0, "lower bound of the automatic round_timeout_s")
+    placement_timeout_s: Optional[float] = _f(
+        120.0, "seconds the actors may take to be placed and set up before the run stops with an error naming the "
+        "resources asked and available (null = wait for ever, e.g. for an autoscaling cluster)")
     recovery: Literal["exact", "drop", "none"] = _f(
         "exact", "Ray: when a client actor dies or stops responding, exact restarts it, rolls every client back to "
         "its state at the start of the round and reruns the round once (metrics equal to an uninterrupted run's); "
@@ -638,6 +641,9 @@ class RuntimeConfig:
             require(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s,
                     "seconds > 0, auto or null")
         require(self.min_timeout_s > 0, "runtime.min_timeout_s", self.min_timeout_s, "seconds > 0")
+        if self.placement_timeout_s is not None:
+            require(self.placement_timeout_s > 0, "runtime.placement_timeout_s", self.placement_timeout_s,
+                    "seconds > 0 or null")
         if self.torch_threads is not None:
             require(self.torch_threads >= 1, "runtime.torch_threads", self.torch_threads, "an integer >= 1 or null")
 

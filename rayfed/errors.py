@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["ActorError", "ClientError", "ConfigError", "RunStopped", "ServerLost", "did_you_mean"]
+__all__ = ["ActorError", "ClientError", "ConfigError", "RunInterrupted", "RunStopped", "ServerLost", "did_you_mean"]
 
 
 def did_you_mean(value: object, choices: Iterable[object]) -> str:
@@ -84,3 +84,7 @@ class ServerLost(RuntimeError):
 
 class RunStopped(RuntimeError):
     """A run could not go on (e.g. its server actor died); the message says what was kept and how to resume."""
+
+
+class RunInterrupted(RunStopped):
+    """The run was stopped on request (Ctrl-C) after a round, with a checkpoint of it."""

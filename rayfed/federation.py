@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from rayfed.algorithms import create
 from rayfed.checkpoint import DRIVER_FILE, check_checkpoint, latest_checkpoint, write_manifest
 from rayfed.config import FederationConfig, dump_config, from_dict, load_config, to_dict
 from rayfed.data import DatasetInfo, FederatedDataset
-from rayfed.errors import ActorError, ClientError, ConfigError, RunStopped, ServerLost
+from rayfed.errors import ActorError, ClientError, ConfigError, RunInterrupted, RunStopped, ServerLost
 from rayfed.metrics import METRIC_COLUMNS, MetricsLog, eval_summary
 from rayfed.models import build_model
 from rayfed.plan import RunPlan, plan_run
@@ -214,7 +217,7 @@ class Federation:
         self._validated = None
         run_dir = self._make_run_dir()
         state_dir = cfg.runtime.state_dir or (str(run_dir / "state") if run_dir is not None else None)
-        with runtime_session(cfg):
+        with runtime_session(cfg), self._stop_on_interrupt():
             self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory, plan=plan,
                                           placement_group=self.placement_group, state_dir=state_dir)
             try:
@@ -222,6 +225,27 @@ class Federation:
             finally:
                 self.executor.close()
                 self.executor = None
+
+    @contextlib.contextmanager
+    def _stop_on_interrupt(self):
+        """Ctrl-C (SIGINT) asks the run to stop after the round in progress (a second one aborts at once)."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print("rayfed: stopping after the round in progress (Ctrl-C again to abort now)", file=sys.stderr,
+                  flush=True)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _stopped(self, run_dir: Optional[Path], round: int, cause: BaseException) -> RuntimeError:
         """The one-line error of a run that cannot go on, with what was kept and how to resume."""
@@ -235,6 +259,17 @@ class Federation:
             how = ""
         return RunStopped(f"the run stopped in round {round}: {cause}{where}"
                           f"{f'; last checkpoint: {last}' if last else ''}{how}")
+
+    def _interrupted(self, run_dir: Optional[Path], round: int, log_: MetricsLog) -> RunInterrupted:
+        """Stop after ``round`` on request: checkpoint it, write the metrics so far, say how to resume."""
+        if run_dir is None:
+            return RunInterrupted(f"the run was interrupted after round {round} (it writes no directory, so "
+                                  "nothing was kept)")
+        ckpt = self.checkpoint(run_dir / "checkpoints" / f"round_{round}")
+        log_.frame().to_parquet(run_dir / "metrics.parquet", index=False)
+        return RunInterrupted(f"the run was interrupted after round {round}; checkpoint {ckpt}; metrics so far in "
+                              f"{run_dir / 'metrics.parquet'}; resume with: rayfed run {run_dir / 'config.yaml'} "
+                              f"--resume {run_dir}")
 
     def _loop(self, ds: FederatedDataset, plan: RunPlan, run_dir: Optional[Path], ckpt: Optional[Path]
               ) -> FederationResult:
@@ -301,6 +336,9 @@ class Federation:
                 self.checkpoint(run_dir / "checkpoints" / f"round_{r + 1}")
             for cb in self.callbacks:
                 cb(r + 1, dict(rnd))
+            if self._stop_requested and r + 1 < cfg.rounds:
+                progress.close()
+                raise self._interrupted(run_dir, r + 1, log_)
             progress.update(1)
             if "accuracy_mean" in rnd:
                 progress.set_postfix(acc=f"{rnd['accuracy_mean']:.3f}", refresh=False)

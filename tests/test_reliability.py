@@ -345,3 +345,41 @@ def test_a_dead_server_stops_the_run_with_the_resume_command(ray_cluster, tmp_pa
     assert sorted(set(kept["round"])) == [1, 2]
     resumed = Federation(cfg, run_dir=tmp_path / "run").fit(resume_from=tmp_path / "run")
     assert resumed.summary["rounds"] == 4 and sorted(set(resumed.metrics["round"])) == [1, 2, 3, 4]
+
+
+@pytest.mark.ray
+def test_actors_that_cannot_be_placed_are_an_error_within_the_timeout(ray_cluster):
+    import time
+
+    cfg = small_config(runtime__executor="ray", runtime__num_actors=1, runtime__num_gpus_per_actor=1,
+                       runtime__placement_timeout_s=3, rounds=1)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"did not start within runtime.placement_timeout_s=3.*'GPU': 1.*the cluster "
+                                          r"has"):
+        Federation(cfg, run_dir=False).fit()
+    assert time.monotonic() - t0 < 30
+
+
+def test_ctrl_c_stops_after_the_round_with_metrics_a_checkpoint_and_the_resume_command(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "rayfed.cli", "run", "--executor", "local", "--out", str(tmp_path),
+            "--set", "output.name=r", "--set", "rounds=200", "--set", "data.num_clients=5", "--set",
+            "model.num_layers=1", "--set", "output.plots=false", "--set", "output.progress=false",
+            "--set", "algorithm.name=fedper"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    parts = tmp_path / "r" / "metrics"
+    deadline = time.monotonic() + 120
+    while not (parts.exists() and len(list(parts.glob("*.parquet"))) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30  # the round in progress, a checkpoint, and out
+    assert proc.returncode == 130, err
+    assert "interrupted after round" in err and "--resume" in err
+    done = pd.read_parquet(tmp_path / "r" / "metrics.parquet")
+    last = int(done["round"].max())
+    assert (tmp_path / "r" / "checkpoints" / f"round_{last}" / "rayfed_checkpoint.json").exists()

@@ -36,7 +36,7 @@ from rayfed.algorithms.base import Algorithm, ClientUpdate
 from rayfed.checkpoint import CLIENTS_DIR, SERVER_FILE
 from rayfed.config import FederationConfig
 from rayfed.data import FederatedDataset
-from rayfed.errors import ActorError, ClientError, ServerLost
+from rayfed.errors import ActorError, ClientError, ConfigError, ServerLost
 from rayfed.plan import RunPlan, plan_run
 from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOutcome, ServerCore
 from rayfed.runtime.executor import Executor
@@ -494,6 +494,7 @@ class RayExecutor(Executor):
                                   run.partial_keys, model_factory, owner=f"actor_{i}")
                        for i, a in enumerate(placed.actors)]
         setups = [actor.setup.remote(spec) for actor, spec in zip(self.actors, self._specs)]
+        self._await_placement(setups + [server_ready], placed)
         # surface set-up errors (data, model) now, naming a client of the failing actor
         for i, ref in enumerate(setups):
             try:
@@ -632,6 +633,32 @@ class RayExecutor(Executor):
         # results in client order whatever the actor layout (tables and aggregation are deterministic)
         out = sorted((r for rs in results.values() for r in rs), key=lambda r: r["client_id"])
         return out, sorted((f for fs in failures.values() for f in fs), key=lambda f: f.client_id)
+
+    def _await_placement(self, refs: list[ray.ObjectRef], placed: Any) -> None:
+        """Wait for the actors to start and set up, printing progress; actors that Ray cannot place
+        within ``runtime.placement_timeout_s`` are an error naming what was asked and what the cluster has.
+        """
+        rt = self.cfg.runtime
+        start, pending = time.monotonic(), list(refs)
+        shown = -1
+        while pending:
+            left = None if rt.placement_timeout_s is None else rt.placement_timeout_s - (time.monotonic() - start)
+            if left is not None and left <= 0:
+                self.close(reuse=False)
+                asked = [{"CPU": a.num_cpus, "GPU": a.num_gpus, **dict(a.resources)} for a in placed.actors]
+                total = {k: sum(d.get(k, 0) for d in asked) for k in {k for d in asked for k in d}}
+                total["CPU"] = total.get("CPU", 0) + placed.server_num_cpus
+                raise ConfigError(
+                    f"{len(pending)} of {len(refs)} actors (server and client actors) did not start within "
+                    f"runtime.placement_timeout_s={rt.placement_timeout_s}: the run asks for {len(asked)} client "
+                    f"actors of {asked[0]} and a server of {{'CPU': {placed.server_num_cpus}}} ({total} in all); the "
+                    f"cluster has {ray.cluster_resources()}, of which {ray.available_resources()} is free. Lower "
+                    "runtime.num_actors / num_cpus_per_actor / num_gpus_per_actor, or add nodes")
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(2.0, left) if left else 2.0)
+            done = len(refs) - len(pending)
+            if done != shown and pending:
+                log.info("actors ready: %d of %d", done, len(refs))
+                shown = done
 
     # -- deadlines and recovery ----------------------------------------------------------------
     def _deadline(self, kind: str) -> Optional[float]:
