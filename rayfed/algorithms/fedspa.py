@@ -77,8 +77,9 @@ is cut to.
   ``flops_relative`` is the ratio for the masked layers.
 
 Not supported: clients with different model structures (``data.tiers``, tasks held by some
-clients only: one mask over one weight vector needs one shape per tensor), multi-task data,
-robust aggregation rules (they compare dense vectors) and ``runtime.mode: async``.
+clients only: one mask over one weight vector needs one shape per tensor) and multi-task data.
+With a robust ``aggregation.rule`` the runtime aggregates only the dense shared tensors robustly;
+the masked ones are still averaged over their holders.
 
 Example:
     >>> from rayfed.config import from_dict
