@@ -29,11 +29,6 @@ Usage::
 
     .venv/bin/python benchmarks/tap.py                       # the README run (see its budget there)
     .venv/bin/python benchmarks/tap.py --rounds 2 --methods tap,fedavg --samples 40   # a smoke run
-
-Note on ``fedavg_ft``: ``rayfed.algorithms.fedavg.FedAvgFT`` fine-tunes only ``shared`` and
-``private`` tensors, and with clients of different structures every tensor some clients lack is
-``tiered`` (here: all of them), so it would fine-tune nothing. Until that is fixed there, this
-benchmark registers :class:`FedAvgFTAllTrained`, which fine-tunes every trained tensor.
 """
 
 from __future__ import annotations
@@ -42,7 +37,6 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +48,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rayfed import Federation  # noqa: E402
-from rayfed.algorithms import register_algorithm  # noqa: E402
-from rayfed.algorithms.base import ClientContext  # noqa: E402
-from rayfed.algorithms.fedavg import FedAvgFT, FedAvgFTConfig  # noqa: E402
 from rayfed.config import from_dict  # noqa: E402
 
 TASKS = ["digit", "topic", "vqa", "imgen"]
@@ -67,34 +58,10 @@ METHODS = {
     "tap_no_replacement": {**TAP_OPTIONS, "replacement": False},
     "tap_no_distillation": {**TAP_OPTIONS, "distillation": False},
     "fedavg": {"name": "fedavg"},
-    "fedavg_ft": {"name": "fedavg_ft_all_trained", "finetune_epochs": 1.0},
+    "fedavg_ft": {"name": "fedavg_ft", "finetune_epochs": 1.0},
     "local": {"name": "local"},
 }
 BASELINES = ["fedavg", "fedavg_ft", "local"]
-
-
-@dataclass
-class FedAvgFTConfigAllTrained(FedAvgFTConfig):
-    """FedAvg-FT options (the stand-in's name)."""
-
-    name: str = "fedavg_ft_all_trained"
-
-
-class FedAvgFTAllTrained(FedAvgFT):
-    """FedAvg-FT fine-tuning every trained tensor, ``tiered`` ones included (see the module docstring)."""
-
-    name = "fedavg_ft_all_trained"
-    config_class = FedAvgFTConfigAllTrained
-
-    def finalize_client(self, ctx: ClientContext) -> dict[str, float]:
-        from rayfed.training import train_client
-
-        names = self.trained_names(ctx.roles)
-        m = train_client(ctx.model, names, ctx.data, ctx.train, infos=ctx.tasks, generator=ctx.generator,
-                         device=ctx.device, epochs=self.config.finetune_epochs, lr=self.config.finetune_lr)
-        sd = ctx.model.state_dict()
-        ctx.state.private = {k: sd[k].detach().clone() for k in names}
-        return {"finetune_loss": m["train_loss"]}
 
 
 def base_config(args: argparse.Namespace, seed: int, algorithm: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +148,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     p.add_argument("--out", default="runs/tap")
     args = p.parse_args()
-    register_algorithm(FedAvgFTAllTrained)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]

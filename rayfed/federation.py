@@ -349,8 +349,10 @@ class Federation:
         final = dict(last_eval)
         evaluated = len(ids) - int(rnd.get("clients_missing", 0)) if cfg.rounds > start else len(ids)
         if self.algorithm.has_finalize:
-            _, ffail = ex.finalize(cfg.rounds, ids)
+            finalized, ffail = ex.finalize(cfg.rounds, ids)
             failures += ffail
+            for row in finalized:  # what the post-training stage reports (fine-tuning, distillation losses)
+                add(cfg.rounds, row["client_id"], "finalize", row)
             evals, efail = ex.evaluate(cfg.rounds - 1, ids)  # after round `rounds` (runtime rounds are 0-based)
             failures += efail + ex.drain_actor_failures()
             for e in evals:

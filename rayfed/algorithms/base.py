@@ -145,6 +145,8 @@ class ClientContext:
     spec: Optional[ClientSpec] = None
     #: the data set's tasks (what each of this client's tasks predicts and how it is scored)
     tasks: Mapping[str, TaskInfo] = field(default_factory=dict)
+    #: the run's number of rounds (e.g. for schedules over the run)
+    num_rounds: int = 0
 
 
 class Aggregator(Protocol):

@@ -15,7 +15,6 @@ from typing import Optional
 
 from rayfed.algorithms.base import Algorithm, ClientContext
 from rayfed.config import AlgorithmConfig, require
-from rayfed.roles import Role
 
 __all__ = ["FedAvg", "FedAvgConfig", "FedAvgFT", "FedAvgFTConfig", "FedPer", "FedPerConfig"]
 
@@ -66,7 +65,7 @@ class FedAvgFT(FedAvg):
     def finalize_client(self, ctx: ClientContext) -> dict[str, float]:
         from rayfed.training import train_client
 
-        names = ctx.roles.names(Role.SHARED, Role.PRIVATE)
+        names = self.trained_names(ctx.roles)  # shared, tiered (clients of several structures), private...
         m = train_client(ctx.model, names, ctx.data, ctx.train, infos=ctx.tasks, generator=ctx.generator,
                          device=ctx.device, epochs=self.config.finetune_epochs, lr=self.config.finetune_lr)
         sd = ctx.model.state_dict()

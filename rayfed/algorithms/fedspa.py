@@ -63,8 +63,8 @@ is cut to.
 * *The gradient batch*: one mini-batch (``grad_batch_size``, default ``train.batch_size``) of the
   client's training split, drawn with its seeded generator after training; the model in eval
   mode (no dropout noise, as DisPFL's ``screen_gradients``); the loss of the data's task.
-* *The schedule's T* is ``anneal_rounds``; it should equal the run's ``rounds``, which algorithms
-  cannot see (rounds after T use ``a_T = 0``).
+* *The schedule's T* is ``anneal_rounds``, by default the run's ``rounds`` (rounds after T use
+  ``a_T = 0``).
 * *Initial active count* per tensor: ``round(density_l * size)``, at least 1, so the global
   density is as configured up to half an entry per tensor.
 * *FLOPs* (:func:`training_flops`): the multiply-adds of the masked ``Linear``/``Conv`` layers'
@@ -159,8 +159,8 @@ class FedSpaConfig(AlgorithmConfig):
                 "the ablation (sub-FedAvg-style: sparse training, no mask search)"})
     anneal: float = field(default=0.5, metadata={
         "help": "a_0: the fraction of active weights replaced in round 0; a_t = (anneal/2)(1 + cos(pi t / T))"})
-    anneal_rounds: int = field(default=20, metadata={
-        "help": "T of the schedule: set it to the run's rounds (algorithms cannot see them); later rounds use 0"})
+    anneal_rounds: Optional[int] = field(default=None, metadata={
+        "help": "T of the schedule; null = the run's rounds (later rounds use a_T = 0)"})
     regrow: Literal["gradient", "random"] = field(default="gradient", metadata={
         "help": "regrow the inactive positions of largest gradient magnitude on one dense batch, or at random"})
     regrow_pruned: bool = field(default=False, metadata={
@@ -178,8 +178,9 @@ class FedSpaConfig(AlgorithmConfig):
         require(self.erk_power >= 0, "algorithm.erk_power", self.erk_power, "a number >= 0 (1 = RigL's ERK)")
         require(self.mask_min_ndim >= 1, "algorithm.mask_min_ndim", self.mask_min_ndim, "an integer >= 1")
         require(0 <= self.anneal <= 1, "algorithm.anneal", self.anneal, "a fraction in [0, 1] (the paper: 0.5)")
-        require(self.anneal_rounds >= 1, "algorithm.anneal_rounds", self.anneal_rounds,
-                "an integer >= 1 (the run's rounds)")
+        if self.anneal_rounds is not None:
+            require(self.anneal_rounds >= 1, "algorithm.anneal_rounds", self.anneal_rounds,
+                    "an integer >= 1, or null for the run's rounds")
         if self.grad_batch_size is not None:
             require(self.grad_batch_size >= 1, "algorithm.grad_batch_size", self.grad_batch_size,
                     "an integer >= 1 or null")
@@ -592,7 +593,8 @@ class FedSpa(Algorithm):
         uses = layer_uses(model, keys, {m: v[:1] for m, v in x.items()} if isinstance(x, Mapping) else x[:1])
         grad_samples = 0
         turnover = 0
-        rate = anneal_rate(ctx.round, cfg.anneal_rounds, cfg.anneal) if cfg.evolve else 0.0
+        horizon = cfg.anneal_rounds if cfg.anneal_rounds is not None else max(ctx.num_rounds, 1)
+        rate = anneal_rate(ctx.round, horizon, cfg.anneal) if cfg.evolve else 0.0
         if cfg.evolve:
             grads = None
             if cfg.regrow == "gradient":

@@ -219,7 +219,8 @@ class ClientCohort:
             torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         return ClientContext(cid, round, b.model, b.roles, self.data[cid], self.cfg.train, state,
-                             payload, self.device, gen, self.num_clients, self.specs[cid], self.tasks)
+                             payload, self.device, gen, self.num_clients, self.specs[cid], self.tasks,
+                             self.cfg.rounds)
 
     def _check_upload(self, cid: int, tensors: Mapping[str, np.ndarray]) -> None:
         roles = self.structure_of(cid).roles
@@ -434,7 +435,9 @@ class ServerCore:
 
         Each update carries differences (weight uploads) or gradients; it is scaled by its factor
         (the delay-adaptive step, 1 when off), rebased on the current weights and aggregated like a
-        round, so the algorithm's own aggregator (and a robust rule) applies it.
+        round, so the algorithm's own aggregator (and a robust rule) applies it. The factor is also
+        in each update's metrics (``step_scale``), for entries an aggregator applies itself (e.g.
+        tensors the server does not hold, which pass through unscaled).
         """
         kind = upload_kind(self.algorithm)
         weights = self.state.weights
@@ -452,7 +455,7 @@ class ServerCore:
                     else:
                         t[k] = from_update(float(a) * np.asarray(v, np.float64), weights.get(k), kind,
                                            np.asarray(v).dtype)
-                yield dataclasses.replace(u, tensors=t)
+                yield dataclasses.replace(u, tensors=t, metrics={**u.metrics, "step_scale": float(a)})
 
         return self.aggregate(round, rebased())
 
