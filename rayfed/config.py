@@ -599,6 +599,10 @@ class RuntimeConfig:
         "drop records the actor's clients as failed in that round and restarts the actor from its clients' last "
         "saved states; none neither saves states every round nor restarts actors (the lost actor's clients fail "
         "every later round)")
+    state_memory_mb: Optional[float] = _f(
+        None, "memory for client states per client actor; states beyond it are spilled to owner-only files under "
+        "runtime.state_dir and read back when needed (the number of clients is then bounded by disk); null = all "
+        "in memory")
     state_dir: Optional[str] = _f(
         None, "where client actors save their clients' states after every round (owner-only files, one per actor), "
         "for recovery: null = <run dir>/state, or a temporary folder when the run writes no directory")
@@ -641,6 +645,8 @@ class RuntimeConfig:
             require(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s,
                     "seconds > 0, auto or null")
         require(self.min_timeout_s > 0, "runtime.min_timeout_s", self.min_timeout_s, "seconds > 0")
+        if self.state_memory_mb is not None:
+            require(self.state_memory_mb > 0, "runtime.state_memory_mb", self.state_memory_mb, "megabytes > 0 or null")
         if self.placement_timeout_s is not None:
             require(self.placement_timeout_s > 0, "runtime.placement_timeout_s", self.placement_timeout_s,
                     "seconds > 0 or null")
@@ -774,6 +780,8 @@ class FederationConfig:
     sample_fraction: float = _f(1.0, "fraction of clients sampled per round")
     sample_count: Optional[int] = _f(None, "clients sampled per round (overrides sample_fraction)")
     eval_every: int = _f(1, "evaluate every client's personalized model every N rounds (and after the last)")
+    eval_fraction: float = _f(1.0, "fraction of the clients evaluated at intermediate evaluations (a seeded sample "
+                              "per round); every client is evaluated after the last round")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={"help": "algorithm"})
@@ -793,6 +801,7 @@ class FederationConfig:
             require(1 <= self.sample_count <= self.data.num_clients, "sample_count", self.sample_count,
                    f"an integer in [1, data.num_clients={self.data.num_clients}]")
         require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        require(0 < self.eval_fraction <= 1, "eval_fraction", self.eval_fraction, "a fraction in (0, 1]")
         for site, ids in self.runtime.sites.items():
             bad = [c for c in ids if c >= self.data.num_clients]
             require(not bad, f"runtime.sites.{site}", ids,

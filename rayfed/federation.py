@@ -314,7 +314,8 @@ class Federation:
             rnd["train_seconds"] = time.perf_counter() - t0
             is_last = r == cfg.rounds - 1
             if (r + 1) % cfg.eval_every == 0 or is_last:
-                evals, efail = ex.evaluate(r, ids)
+                wanted = plan.eval_clients(r, cfg.eval_fraction, is_last)
+                evals, efail = ex.evaluate(r, wanted)
                 failures += efail
                 lost += ex.drain_actor_failures()
                 for e in evals:
@@ -322,7 +323,7 @@ class Federation:
                 last_eval = eval_summary(evals)
                 add(r + 1, -1, "eval", last_eval)
                 rnd.update({k2: v for k2, v in last_eval.items() if k2 not in ("tasks", "exits")})
-                missing = len(ids) - len(evals)
+                missing = len(wanted) - len(evals)
                 if missing:  # said plainly: the accuracies above are over the clients evaluated only
                     rnd["clients_missing"] = missing
             if lost:
@@ -377,6 +378,7 @@ class Federation:
             self.checkpoint(run_dir / "checkpoints" / "final")
         summary = self._summary(metrics, final, elapsed, failures, run_dir)
         summary["clients_evaluated"] = evaluated
+        summary["eval_fraction"] = cfg.eval_fraction  # of intermediate evaluations; the last covers everyone
         summary["clients_missing"] = len(ids) - evaluated
         if exported is not None:
             summary["export_dir"] = str(exported)

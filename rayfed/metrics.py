@@ -33,13 +33,15 @@ PARTS_DIR = "metrics"
 
 
 class MetricsLog:
-    """The rows of one run, optionally mirrored round by round into ``directory/metrics/``."""
+    """The rows of one run. With a ``directory``, each round's rows are written to
+    ``directory/metrics/round_<N>.parquet`` and released, so the driver's memory does not grow with
+    the number of rounds or clients; :meth:`frame` reads them back.
+    """
 
     def __init__(self, algorithm: str, directory: Optional[Path] = None) -> None:
         self.algorithm = algorithm
         self.directory = directory
-        self.rows: list[dict] = []
-        self._flushed = 0
+        self.rows: list[dict] = []  # not written yet (all of them when there is no directory)
 
     def add(self, round: int, client_id: int, stage: str, metrics: Mapping[str, Any], task: str = "",
             exit: int = -1) -> None:
@@ -57,40 +59,62 @@ class MetricsLog:
                 self.rows.append({"algorithm": self.algorithm, "round": round, "client_id": client_id, "stage": stage,
                                   "task": task, "exit": exit, "metric": name, "value": float(v)})
 
+    def _parts(self, run_dir: Optional[Path] = None) -> list[Path]:
+        d = (run_dir or self.directory) / PARTS_DIR if (run_dir or self.directory) is not None else None
+        return sorted(d.glob("round_*.parquet")) if d is not None and d.is_dir() else []
+
     def flush(self, round: int) -> None:
-        """Write the rows recorded since the last flush as ``metrics/round_<round>.parquet``."""
-        if self.directory is None or self._flushed == len(self.rows):
+        """Write the rows recorded since the last flush as ``metrics/round_<round>.parquet`` (and
+        release them).
+        """
+        if self.directory is None or not self.rows:
             return
-        new = pd.DataFrame(self.rows[self._flushed:], columns=METRIC_COLUMNS)
         buf = io.BytesIO()
-        new.to_parquet(buf, index=False)
-        write_atomic(ensure_private_dir(self.directory / PARTS_DIR) / f"round_{round:06d}.parquet", buf.getvalue())
-        self._flushed = len(self.rows)
+        pd.DataFrame(self.rows, columns=METRIC_COLUMNS).to_parquet(buf, index=False)
+        path = ensure_private_dir(self.directory / PARTS_DIR) / f"round_{round:06d}.parquet"
+        if path.exists():  # a later flush of the same round (post-training stages): keep both
+            path = path.with_name(f"round_{round:06d}_{len(list(path.parent.glob(path.stem + '*')))}.parquet")
+        write_atomic(path, buf.getvalue())
+        self.rows = []
 
     def frame(self) -> pd.DataFrame:
         """Every row so far, as a DataFrame with :data:`METRIC_COLUMNS`."""
-        return pd.DataFrame(self.rows, columns=METRIC_COLUMNS)
+        frames = [_with_columns(pd.read_parquet(p)) for p in self._parts()]
+        frames.append(pd.DataFrame(self.rows, columns=METRIC_COLUMNS))
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return pd.DataFrame(columns=METRIC_COLUMNS)
+        return pd.concat(frames, ignore_index=True)[METRIC_COLUMNS]
 
     def resume(self, run_dir: Path, round: int) -> None:
         """Start from the rows of an earlier run up to ``round`` (its round files, or its
-        ``metrics.parquet``), dropping its round files after ``round`` when this log writes there.
+        ``metrics.parquet``): in the same directory its later round files are dropped; into another
+        directory the earlier ones are copied (or, without a directory, loaded).
         """
-        parts = sorted((run_dir / PARTS_DIR).glob("round_*.parquet")) if (run_dir / PARTS_DIR).is_dir() else []
-        if parts:
-            old = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-        elif (run_dir / "metrics.parquet").exists():
-            old = pd.read_parquet(run_dir / "metrics.parquet")
-        else:
-            old = pd.DataFrame(columns=METRIC_COLUMNS)
-        for col, fill in (("task", ""), ("exit", -1)):  # tables written before these columns existed
-            if col not in old.columns:
-                old.insert(METRIC_COLUMNS.index(col), col, fill)
-        self.rows = old[old["round"] <= round][METRIC_COLUMNS].to_dict("records")
-        self._flushed = len(self.rows)
-        if self.directory is not None and self.directory.resolve() == run_dir.resolve():
+        parts = self._parts(run_dir)
+        keep = [p for p in parts if int(p.stem.split("_")[1]) <= round]
+        same = self.directory is not None and self.directory.resolve() == run_dir.resolve()
+        if same:
             for p in parts:
-                if int(p.stem.split("_")[1]) > round:
+                if p not in keep:
                     p.unlink()
+            return
+        if keep:
+            old = pd.concat([_with_columns(pd.read_parquet(p)) for p in keep], ignore_index=True)
+        elif (run_dir / "metrics.parquet").exists():
+            old = _with_columns(pd.read_parquet(run_dir / "metrics.parquet"))
+            old = old[old["round"] <= round]
+        else:
+            return
+        self.rows = old[METRIC_COLUMNS].to_dict("records")
+        self.flush(round)
+
+
+def _with_columns(old: pd.DataFrame) -> pd.DataFrame:
+    for col, fill in (("task", ""), ("exit", -1)):  # tables written before these columns existed
+        if col not in old.columns:
+            old.insert(METRIC_COLUMNS.index(col), col, fill)
+    return old
 
 
 def _p10(values: Sequence[float]) -> float:

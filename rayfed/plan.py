@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
+
 from rayfed.clients import ClientSpec, Structure, describe_clients
 from rayfed.sampling import client_cost, sample_clients, sampling_schedule
 
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
     from rayfed.roles import RoleMap
 
 __all__ = ["RunPlan", "make_plan", "plan_run"]
+
+
+def round_half(x: float) -> int:
+    """``x`` rounded half up (not to even)."""
+    return int(np.floor(x + 0.5))
 
 
 @dataclass
@@ -77,6 +84,16 @@ class RunPlan:
         if round < len(self.schedule):
             return list(self.schedule[round])
         return sample_clients(self.train_ids, self.clients_per_round, self.seed, round)
+
+    def eval_clients(self, round: int, fraction: float, last: bool) -> list[int]:
+        """The clients evaluated after ``round``: every one after the last round, else a seeded sample
+        of ``fraction`` of them (``eval_fraction``).
+        """
+        if last or fraction >= 1.0:
+            return list(self.train_ids)
+        k = max(1, int(round_half(fraction * len(self.train_ids))))
+        rng = np.random.default_rng([self.seed % 2**63, round, 0xE7A1])
+        return sorted(int(c) for c in rng.choice(np.asarray(self.train_ids), size=k, replace=False))
 
     def specs_of(self, client_ids: Sequence[int]) -> dict[int, ClientSpec]:
         """The descriptions of ``client_ids``."""

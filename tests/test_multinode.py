@@ -43,3 +43,21 @@ def test_clients_pinned_to_sites_run_on_the_nodes_holding_the_site_resource(tmp_
             assert node == node_a, f"clients {clients} of site_a ran on {node}, not on {node_a}"
         elif site == "site_b":
             assert node == node_b, f"clients {clients} of site_b ran on {node}, not on {node_b}"
+
+
+def test_checkpoints_gather_from_every_node_and_a_resume_equals_the_uninterrupted_run(tmp_path):
+    out = tmp_path / "resume.json"
+    script = Path(__file__).with_name("multinode_resume_run.py")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rfmn-", dir="/tmp"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "runs")], capture_output=True,
+                              text=True, timeout=500, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads(out.read_text())
+    assert r["distinct_actor_nodes"] >= 2  # the client actors ran on different raylets
+    assert r["checkpoint_files"] == ["actor_0.safetensors", "actor_1.safetensors", "actor_2.safetensors"]
+    assert r["equal"] and r["num_rows"] > 100

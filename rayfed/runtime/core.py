@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 import traceback
 import warnings
@@ -81,6 +82,7 @@ class CohortSpec:
         model_factory: the user's ``factory(info)``, if any.
         device: the torch device (default ``runtime.device``).
         owner: the name of the cohort's state file (one per actor).
+        state_dir: the folder of its per-round state files and spilled states (node-local).
     """
 
     config: FederationConfig
@@ -92,6 +94,7 @@ class CohortSpec:
     model_factory: Optional[Callable[[DatasetInfo], torch.nn.Module]] = None
     device: Optional[str] = None
     owner: str = "cohort"
+    state_dir: Optional[str] = None
 
 
 def _model_source(cfg: FederationConfig, factory):
@@ -157,8 +160,12 @@ class ClientCohort:
                                            partial_keys=spec.partial_keys)
             self.built[structure] = _Built(model.to(self.device), roles, spec.partial_keys)
         self.owner = spec.owner
-        #: every client's state (private tensors, masks, extras), in memory; saved to safe files
-        self.states = ClientStateStore()
+        budget = cfg.runtime.state_memory_mb
+        spill = Path(spec.state_dir or tempfile.mkdtemp(prefix="rayfed-spill-")) / "spill" / spec.owner
+        #: every client's state (private tensors, masks, extras): in memory up to runtime.state_memory_mb,
+        #: spilled to owner-only files beyond it; saved to safe files
+        self.states = ClientStateStore(budget_bytes=None if budget is None else int(budget * 2**20),
+                                       spill_dir=spill if budget is not None else None, template=self._fresh_state)
         #: SIMULATED Byzantine behaviour (config section ``attack``); None when off
         self.attack = Attack(cfg.attack, self.num_clients, cfg.seed, ds.info.num_classes, upload_kind(self.algorithm),
                              {t.name: t.num_outputs for t in ds.info.task_infos()}) if cfg.attack.enabled else None
@@ -268,6 +275,7 @@ class ClientCohort:
             self._check_upload(cid, tensors)
             self.algorithm.save_client_state(ctx)
             ctx.state.rounds_trained += 1
+            self.states.touch(cid)
             upd = ClientUpdate(cid, round, self.data[cid].num_train, tensors, dict(metrics))
             upd.metrics.update(bytes_up=upd.nbytes,
                                bytes_down=down + wire_nbytes(payload),
@@ -303,7 +311,9 @@ class ClientCohort:
                  payloads: Mapping[int, Mapping[str, np.ndarray]]) -> list[dict | ClientFailure]:
         def one(cid: int) -> dict:
             ctx = self._context(cid, round, "finalize", broadcast, payloads.get(cid, {}))
-            return {"client_id": cid, **self.algorithm.finalize_client(ctx)}
+            out = {"client_id": cid, **self.algorithm.finalize_client(ctx)}
+            self.states.touch(cid)
+            return out
 
         return self._run(client_ids, round, "finalize", one)
 
@@ -336,7 +346,15 @@ class ClientCohort:
         atomic, owner-only; see :mod:`rayfed.runtime.state_store`); returns the ids written.
         """
         self.states.save(directory, self.owner, round=round)
-        return sorted(self.states)
+        return self.states.ids()
+
+    def data_nbytes(self) -> int:
+        """Bytes of the clients' data this cohort holds."""
+        return sum(d.nbytes() for d in self.data.values())
+
+    def persist_states(self, directory: str | os.PathLike, round: int) -> None:
+        """Save the states changed since the last call (incrementally; see :meth:`ClientStateStore.persist`)."""
+        self.states.persist(directory, self.owner, round=round)
 
     def load_states(self, directory: str | os.PathLike) -> list[int]:
         """Restore this cohort's clients' states from ``directory`` (any actor layout wrote it);

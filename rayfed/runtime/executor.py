@@ -85,13 +85,15 @@ class LocalExecutor(Executor):
     """Everything in this process: one server, one cohort holding every client."""
 
     def __init__(self, cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
-                 model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None) -> None:
+                 model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None,
+                 state_dir: Optional[str] = None) -> None:
         self.cfg = cfg
         self.policy = FailurePolicy(cfg.runtime)
         self.plan = plan if plan is not None else plan_run(cfg, algorithm, dataset, model_factory)[0]
         self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory, plan=self.plan)
         self.cohort = ClientCohort(CohortSpec(cfg, algorithm, list(dataset.client_ids), dataset, self.plan.specs,
-                                              self.plan.partial_keys, model_factory, owner="local"))
+                                              self.plan.partial_keys, model_factory, owner="local",
+                                              state_dir=state_dir))
 
     def _payload(self, round: int, ids: list[int]):
         return self.server.broadcast(round), self.server.payloads(round, ids)
@@ -155,7 +157,7 @@ def make_executor(cfg: FederationConfig, algorithm: Algorithm, dataset: Federate
     if plan is None:
         plan = plan_run(cfg, algorithm, dataset, model_factory)[0]
     if cfg.runtime.executor == "local":
-        ex: Executor = LocalExecutor(cfg, algorithm, dataset, model_factory, plan=plan)
+        ex: Executor = LocalExecutor(cfg, algorithm, dataset, model_factory, plan=plan, state_dir=state_dir)
     else:
         from rayfed.runtime.ray_executor import RayExecutor
 

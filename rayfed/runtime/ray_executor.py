@@ -42,6 +42,7 @@ from rayfed.runtime.core import ClientCohort, ClientFailure, CohortSpec, RoundOu
 from rayfed.runtime.executor import Executor
 from rayfed.runtime.placement import Workload, plan_for_bundles, plan_for_cluster
 from rayfed.runtime.policy import FailurePolicy
+from rayfed.safe_io import ensure_private_dir, write_atomic
 from rayfed.tensors import wire_nbytes
 
 __all__ = ["ClientActor", "RayExecutor", "ServerActor", "cause_text", "ray_session", "warm_actors"]
@@ -125,6 +126,27 @@ class ClientActor:
 
     def save_states(self, directory: str, round: int = -1) -> list[int]:
         return self.cohort.save_states(directory, round)
+
+    def persist_states(self, directory: str, round: int) -> None:
+        """Save the states changed since the last call under ``directory`` (on this actor's node)."""
+        self.cohort.persist_states(directory, round)
+
+    def state_files(self, round: int) -> list[tuple[str, bytes]]:
+        """Every client state of this actor as safe files (``(name, bytes)``), for a checkpoint."""
+        with tempfile.TemporaryDirectory() as d:
+            self.cohort.save_states(d, round)
+            return [(p.name, p.read_bytes()) for p in sorted(Path(d).iterdir())]
+
+    def load_state_files(self, files: list[tuple[str, bytes]]) -> list[int]:
+        """Load this actor's clients' states from checkpoint files (``(name, bytes)``)."""
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in files:
+                (Path(d) / Path(name).name).write_bytes(data)
+            return self.cohort.load_states(d)
+
+    def data_nbytes(self) -> int:
+        """Bytes of the data this actor holds (its clients' shards only)."""
+        return self.cohort.data_nbytes()
 
     def load_states(self, directory: str) -> list[int]:
         return self.cohort.load_states(directory)
@@ -360,6 +382,18 @@ class ServerActor:
     def load(self, path: str) -> int:
         return self.core.load(path)
 
+    def state_bytes(self) -> bytes:
+        """The server state as the bytes of its safe file (for a checkpoint on the driver)."""
+        with tempfile.TemporaryDirectory() as d:
+            self.core.save(Path(d) / SERVER_FILE)
+            return (Path(d) / SERVER_FILE).read_bytes()
+
+    def load_bytes(self, data: bytes) -> int:
+        """Restore the server state from the bytes of its safe file; returns its round."""
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / SERVER_FILE).write_bytes(data)
+            return self.core.load(Path(d) / SERVER_FILE)
+
     def state(self):
         return self.core.state
 
@@ -491,7 +525,7 @@ class RayExecutor(Executor):
                                                 plan=run, payload_probe=ids[0] if self._has_payloads else None)
         # each actor receives only its own clients' shards
         self._specs = [CohortSpec(cfg, algorithm, a.clients, dataset.subset(a.clients), run.specs_of(a.clients),
-                                  run.partial_keys, model_factory, owner=f"actor_{i}")
+                                  run.partial_keys, model_factory, owner=f"actor_{i}", state_dir=self.state_dir)
                        for i, a in enumerate(placed.actors)]
         setups = [actor.setup.remote(spec) for actor, spec in zip(self.actors, self._specs)]
         self._await_placement(setups + [server_ready], placed)
@@ -715,10 +749,12 @@ class RayExecutor(Executor):
         ray.get([self.actors[a].load_states.remote(self.state_dir) for a in actors], timeout=self._deadline("setup"))
 
     def _persist(self, round: int, actors: Iterable[int]) -> None:
-        """Queue each actor's state save after its training of ``round`` (awaited before the next round)."""
+        """Queue each actor's save of the states its training of ``round`` changed (awaited before the
+        next round).
+        """
         if self.cfg.runtime.recovery == "none":
             return
-        self._persisting = [self.actors[a].save_states.remote(self.state_dir, round + 1) for a in actors]
+        self._persisting = [self.actors[a].persist_states.remote(self.state_dir, round + 1) for a in actors]
 
     def _await_persisted(self) -> None:
         refs, self._persisting = self._persisting, []
@@ -779,31 +815,40 @@ class RayExecutor(Executor):
         return ok, failed
 
     def save(self, directory: Path, round: int = -1) -> None:
-        """Write a checkpoint; an actor that does not answer in time is restarted (from its clients'
-        states saved after the last round, which are what it holds) and asked again once.
+        """Write a checkpoint into ``directory`` on the driver's machine: every actor sends its state
+        files (written where it runs) and the server its state, so the cluster needs no shared
+        storage. An actor that does not answer in time is restarted (from its clients' states saved
+        after the last round, which are what it holds) and asked again once.
         """
         self._await_persisted()
         wait = self._deadline("save")
-        server = self.server.save.remote(str(directory / SERVER_FILE))
-        calls = {i: a.save_states.remote(str(directory / CLIENTS_DIR), round) for i, a in enumerate(self.actors)}
+        server = self.server.state_bytes.remote()
+        calls = {i: a.state_files.remote(round) for i, a in enumerate(self.actors)}
+        clients = ensure_private_dir(directory / CLIENTS_DIR)
         for i, ref in calls.items():
             try:
-                ray.get(ref, timeout=wait)
+                files = ray.get(ref, timeout=wait)
             except (RayActorError, GetTimeoutError) as e:
                 cause = "not done within the deadline" if isinstance(e, GetTimeoutError) else short_cause(e)
                 self._lost([ActorError(i, self.groups[i], round, "save", cause, recovered=True)])
                 self._restart([i])
-                ray.get(self.actors[i].save_states.remote(str(directory / CLIENTS_DIR), round), timeout=wait)
+                files = ray.get(self.actors[i].state_files.remote(round), timeout=wait)
+            for name, data in files:
+                write_atomic(clients / name, data)
         try:
-            ray.get(server, timeout=wait)
+            write_atomic(directory / SERVER_FILE, ray.get(server, timeout=wait))
         except (RayError, GetTimeoutError) as e:
             raise ServerLost(f"the server actor failed while saving a checkpoint to {str(directory)!r}: "
                              f"{short_cause(e)}") from e
 
     def restore(self, directory: Path) -> int:
+        """Send every actor the checkpoint's client state files (each keeps its own clients') and the
+        server its state.
+        """
         self.forget_broadcast()
-        ray.get([a.load_states.remote(str(directory / CLIENTS_DIR)) for a in self.actors])
-        return ray.get(self.server.load.remote(str(directory / SERVER_FILE)))
+        files = ray.put([(p.name, p.read_bytes()) for p in sorted((directory / CLIENTS_DIR).glob("*.safetensors"))])
+        ray.get([a.load_state_files.remote(files) for a in self.actors])
+        return ray.get(self.server.load_bytes.remote((directory / SERVER_FILE).read_bytes()))
 
     def received_names(self) -> list[str]:
         return ray.get(self.server.received_names.remote())
