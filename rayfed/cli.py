@@ -23,6 +23,13 @@ def _load(args) -> FederationConfig:  # noqa: F821
 
     data = read_config_file(args.config or default_config_path())
     sets = list(args.set or [])
+    args.algorithm_options = {}
+    if getattr(args, "compare", None) is not None:  # --set algorithm.x=... goes to every compared method with x
+        for item in list(sets):
+            key, _, value = item.partition("=")
+            if key.startswith("algorithm.") and key != "algorithm.name" and "." not in key[len("algorithm."):]:
+                args.algorithm_options[key[len("algorithm."):]] = apply_overrides({}, [f"v={value}"])["v"]
+                sets.remove(item)
     if getattr(args, "executor", None):
         sets.append(f"runtime.executor={args.executor}")
     if getattr(args, "rounds", None):
@@ -35,6 +42,15 @@ def _load(args) -> FederationConfig:  # noqa: F821
     if any(s.startswith("algorithm.") for s in sets) and getattr(args, "compare", None) is None:
         data["compare"] = []  # an explicit algorithm means: run that one
     return from_dict(data)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("rayfed-pfl")
+    except metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown (not installed)"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -79,7 +95,9 @@ def cmd_run(args) -> int:
         res = Federation(cfg, run_dir=args.resume).fit(resume_from=args.resume)
         rows, where = [res.summary], res.run_dir
     elif cfg.compare:
-        comp = run_comparison(cfg)
+        comp = run_comparison(cfg, algorithm_options=getattr(args, "algorithm_options", {}))
+        for name, keys in comp.skipped_options.items():
+            print(f"{name}: has no option {', '.join('algorithm.' + k for k in keys)}; not applied", file=sys.stderr)
         rows = [r.summary for r in comp.results.values()]
         where = comp.run_dir
     else:
@@ -158,7 +176,8 @@ def cmd_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayfed", description="Personalized federated learning on Ray.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does (INFO level)")
+    p.add_argument("--version", action="version", version=f"rayfed {_version()}")
     sub = p.add_subparsers(dest="command")
 
     def common(sp, config_help: str) -> None:

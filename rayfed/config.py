@@ -664,6 +664,9 @@ class OutputConfig:
     checkpoint_every: int = _f(0, "save server and client state every N rounds (0 = only at the end if save_final)")
     save_final: bool = _f(True, "save a final checkpoint")
     progress: bool = _f(True, "show a progress bar over rounds")
+    loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = _f(
+        [], "experiment trackers that receive each round's metrics: tensorboard (<run dir>/tensorboard), csv "
+        "(<run dir>/rounds.csv), mlflow, wandb; each needs its package (pip install 'rayfed-pfl[tensorboard]', ...)")
     export: Union[Literal["none", "all"], list[int]] = _f(
         "none", "after training, write each client's personalized model to <run dir>/export/client_<id>: a PEFT "
         "adapter folder (PeftModel.from_pretrained on the base model loads it) for model.peft runs, else a Hugging "
@@ -847,10 +850,10 @@ class FederationConfig:
             return self.sample_count
         return max(1, int(round(self.sample_fraction * self.data.num_clients)))
 
-    def with_algorithm(self, name: str) -> FederationConfig:
-        """A copy of this config running algorithm ``name`` with its default options."""
+    def with_algorithm(self, name: str, options: Optional[dict[str, Any]] = None) -> FederationConfig:
+        """A copy of this config running algorithm ``name`` with its default options (and ``options``)."""
         d = to_dict(self)
-        d["algorithm"] = {"name": name}
+        d["algorithm"] = {"name": name, **(options or {})}
         d["compare"] = []
         return from_dict(d)
 
@@ -1002,7 +1005,13 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         if k == "algorithm.name" and isinstance(data.get("algorithm"), dict) and \
                 data["algorithm"].get("name") not in (None, v):
             data["algorithm"] = {}  # options of the old algorithm do not apply to the new one
-        set_key(data, k, yaml.safe_load(v) if v != "" else "")
+        try:
+            value = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value of '{k}' is not valid YAML ({first}); quote it, e.g. "
+                              f"--set '{k}=\"{v}\"'") from None
+        set_key(data, k, value)
     return data
 
 

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -30,9 +31,11 @@ from rayfed.checkpoint import DRIVER_FILE, check_checkpoint, latest_checkpoint, 
 from rayfed.config import FederationConfig, dump_config, from_dict, load_config, to_dict
 from rayfed.data import DatasetInfo, FederatedDataset
 from rayfed.errors import ActorError, ClientError, ConfigError, RunInterrupted, RunStopped, ServerLost
+from rayfed.loggers import check_loggers, make_loggers
 from rayfed.metrics import METRIC_COLUMNS, MetricsLog, eval_summary
 from rayfed.models import build_model
 from rayfed.plan import RunPlan, plan_run
+from rayfed.registry import get_algorithm
 from rayfed.safe_io import ensure_private_dir, read_state, write_state
 
 __all__ = ["METRIC_COLUMNS", "ComparisonResult", "Federation", "FederationResult", "RunStopped", "eval_summary",
@@ -158,6 +161,7 @@ class Federation:
                               f"Python model_factory {cfg.model.factory}, which its model section does not describe; "
                               "pass Federation(cfg, model_factory=...) with that factory, or set model.factory: null "
                               "to train the model the config describes")
+        check_loggers(cfg.output.loggers)
         ds = FederatedDataset.from_config(cfg.data, cfg.seed)
         if ds.info.multitask and not self.algorithm.supports_multitask:
             names = [t.name for t in ds.info.task_infos()]
@@ -217,14 +221,24 @@ class Federation:
         self._validated = None
         run_dir = self._make_run_dir()
         state_dir = cfg.runtime.state_dir or (str(run_dir / "state") if run_dir is not None else None)
-        with runtime_session(cfg), self._stop_on_interrupt():
-            self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory, plan=plan,
-                                          placement_group=self.placement_group, state_dir=state_dir)
-            try:
-                return self._loop(ds, plan, run_dir, ckpt)
-            finally:
-                self.executor.close()
-                self.executor = None
+        trackers = make_loggers(cfg.output.loggers, run_dir, to_dict(cfg)) if run_dir is not None else []
+        if cfg.output.loggers and run_dir is None:
+            log.warning("output.loggers %s: this run writes no directory, so nothing is logged", cfg.output.loggers)
+        callbacks = list(self.callbacks)
+        self.callbacks += [t.log for t in trackers]
+        try:
+            with runtime_session(cfg), self._stop_on_interrupt():
+                self.executor = make_executor(cfg, self.algorithm, ds, self.model_factory, plan=plan,
+                                              placement_group=self.placement_group, state_dir=state_dir)
+                try:
+                    return self._loop(ds, plan, run_dir, ckpt)
+                finally:
+                    self.executor.close()
+                    self.executor = None
+        finally:
+            self.callbacks = callbacks
+            for t in trackers:
+                t.close()
 
     @contextlib.contextmanager
     def _stop_on_interrupt(self):
@@ -461,6 +475,8 @@ class ComparisonResult:
 
     results: dict[str, FederationResult]
     run_dir: Optional[Path]
+    #: per method, the ``algorithm_options`` its config has no key for (so they were not applied)
+    skipped_options: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def metrics(self) -> pd.DataFrame:
@@ -474,12 +490,16 @@ class ComparisonResult:
 
 
 def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]] = None, *,
-                   model_factory: Optional[ModelFactory] = None,
-                   callbacks: Sequence[RoundCallback] = ()) -> ComparisonResult:
+                   model_factory: Optional[ModelFactory] = None, callbacks: Sequence[RoundCallback] = (),
+                   algorithm_options: Optional[Mapping[str, Any]] = None) -> ComparisonResult:
     """Run the same experiment (data, partition, seed, rounds) for several algorithms.
 
-    ``algorithms`` defaults to ``config.compare`` (or just ``config.algorithm``). Outputs go to one
-    parent run directory with a subdirectory per algorithm and combined plots.
+    ``algorithms`` defaults to ``config.compare`` (or just ``config.algorithm``). The configured
+    algorithm keeps its options; the others run with their defaults; each gets those of
+    ``algorithm_options`` (e.g. ``{"private": ["preset:head"]}``, what ``--set algorithm.private=...``
+    gives on the command line) that their config has: ``ComparisonResult.skipped_options`` lists, per
+    method, the options it has no such key for. Outputs go to one parent run directory with a
+    subdirectory per algorithm and combined plots.
     """
     from rayfed.runtime import runtime_session, warm_actors
 
@@ -492,9 +512,18 @@ def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]
         parent.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, parent / "config.yaml")
     feds = []
+    skipped: dict[str, list[str]] = {}
+    options = dict(algorithm_options or {})
     for n in names:
-        # the configured algorithm keeps its options; the others run with their defaults
-        sub = from_dict({**to_dict(cfg), "compare": []}) if n == cfg.algorithm.name else cfg.with_algorithm(n)
+        # the configured algorithm keeps its options; the others run with their defaults and the given options
+        keys = {f.name for f in dataclasses.fields(get_algorithm(n).config_class)}
+        skipped[n] = sorted(k for k in options if k not in keys)
+        given = {k: v for k, v in options.items() if k in keys}
+        if n == cfg.algorithm.name:
+            d = to_dict(cfg)
+            sub = from_dict({**d, "compare": [], "algorithm": {**d["algorithm"], **given}})
+        else:
+            sub = cfg.with_algorithm(n, given)
         feds.append(Federation(sub, model_factory=model_factory, callbacks=callbacks,
                                run_dir=(parent / n) if parent else False))
     for f in feds:  # reject every bad config before any actor starts
@@ -503,7 +532,7 @@ def run_comparison(config: ConfigLike = None, algorithms: Optional[Sequence[str]
     with runtime_session(cfg), warm_actors(cfg):  # one Ray; actor processes reused across methods
         for n, f in zip(names, feds):
             results[n] = f.fit()
-    comp = ComparisonResult(results, parent)
+    comp = ComparisonResult(results, parent, {n: v for n, v in skipped.items() if v})
     if parent is not None:
         comp.metrics.to_parquet(parent / "metrics.parquet", index=False)
         comp.table().to_csv(parent / "summary.csv", index=False)

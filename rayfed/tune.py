@@ -586,7 +586,7 @@ def make_tuner(space: Union[SearchSpace, str, Path, Mapping[str, Any]],
                name: Optional[str] = None, model_factory: Optional[Callable] = None,
                checkpoint_every: Optional[int] = None, driver_cpus: float = 0.5,
                max_concurrent_trials: Optional[int] = None, max_failures: int = 0, reuse_actors: bool = True,
-               verbose: int = 1):
+               verbose: int = 1, callbacks: Optional[list] = None):
     """A configured :class:`ray.tune.Tuner` for a search space (customise it before ``.fit()``).
 
     Args:
@@ -607,6 +607,8 @@ def make_tuner(space: Union[SearchSpace, str, Path, Mapping[str, Any]],
         reuse_actors: run later trials in the process of a finished one (saves a process start and
             the torch import per trial); each trial still starts its own server and client actors.
         verbose: Tune's output level (0 silent, 1 progress table, 2 verbose).
+        callbacks: Tune callbacks (e.g. ``ray.air.integrations.mlflow.MLflowLoggerCallback`` or
+            ``ray.tune.logger.TBXLoggerCallback``), added to the run config.
     """
     from ray import tune
 
@@ -633,6 +635,7 @@ def make_tuner(space: Union[SearchSpace, str, Path, Mapping[str, Any]],
         storage_path=str(Path(storage_path or cfg.output.dir or "runs").expanduser().resolve()),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if sched_name == "pbt" else 2),
         failure_config=tune.FailureConfig(max_failures=max_failures),
+        callbacks=list(callbacks or []) or None,
         verbose=verbose)
     return tune.Tuner(trainable(base, model_factory=model_factory, checkpoint_every=every, driver_cpus=driver_cpus,
                                 metric=sp.metric),

@@ -66,3 +66,27 @@ def test_console_script_is_installed():
     assert exe, "the rayfed console script is not on PATH; install the package (pip install -e .)"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "run" in out.stdout and "partition" in out.stdout
+
+
+def test_compare_applies_algorithm_options_where_they_exist(tmp_path, capsys):
+    p = _write(tmp_path, rounds=1, output__dir=str(tmp_path / "runs"), output__name="c")
+    assert main(["run", str(p), "--compare", "fedavg,fedrep,ffgg", "--set", "algorithm.head_epochs=2",
+                 "--set", "algorithm.tau=3"]) == 0
+    err = capsys.readouterr().err
+    assert "fedavg: has no option algorithm.head_epochs, algorithm.tau; not applied" in err
+    assert "fedrep: has no option algorithm.tau; not applied" in err
+    assert "ffgg: has no option algorithm.head_epochs" in err
+    run = tmp_path / "runs" / "c"
+    assert yaml.safe_load((run / "fedrep" / "config.yaml").read_text())["algorithm"]["head_epochs"] == 2
+    assert yaml.safe_load((run / "ffgg" / "config.yaml").read_text())["algorithm"]["tau"] == 3
+
+
+def test_version_and_a_malformed_set_value(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("rayfed ")
+    assert main(["run", "--set", "train.lr=[0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--set 'train.lr=[0.1': the value of 'train.lr' is not valid YAML" in err

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import small_config
 
-from rayfed import ClientError, Federation, Role, register_algorithm
+from rayfed import ClientError, ConfigError, Federation, Role, register_algorithm
 from rayfed.algorithms.base import ClientContext, ServerState
 from rayfed.algorithms.fedavg import FedAvg, FedAvgConfig
 from rayfed.data import FederatedDataset
@@ -209,3 +209,28 @@ def test_text_federation_with_bert_from_config_and_from_local_weights(tmp_path):
     pre = {**text, "model__name": "pretrained", "model__path": str(tmp_path / "bert")}
     res2 = Federation(small_config(**pre), run_dir=False).fit()
     assert res2.summary["accuracy_mean"] > 0.3
+
+
+def test_tensorboard_and_csv_loggers_write_the_round_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = small_config(rounds=3, output__loggers="[tensorboard, csv]")
+    res = Federation(cfg, run_dir=tmp_path / "run").fit()
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("accuracy_mean")]
+    values = [e.value for e in acc.Scalars("accuracy_mean")]
+    assert steps == [1, 2, 3]
+    rt = res.round_table()
+    assert values == pytest.approx(list(rt[rt.stage == "eval"].sort_values("round").accuracy_mean), rel=1e-6)
+    rows = pd.read_csv(tmp_path / "run" / "rounds.csv")
+    assert list(rows["round"]) == [1, 2, 3] and "bytes_up" in rows.columns
+
+
+def test_a_logger_without_its_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"the wandb logger needs the 'wandb' package.*rayfed-pfl\[wandb\]"):
+        Federation(small_config(output__loggers="[wandb]"), run_dir=False).fit()
