@@ -583,7 +583,8 @@ class RuntimeConfig:
     resources_per_actor: dict[str, float] = _f({}, "custom Ray resources per client actor, e.g. {site_a: 1}")
     server_num_cpus: float = _f(0.1, "CPUs reserved for the server actor")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "client torch device; auto = cuda when the actor sees a GPU")
-    torch_threads: Optional[int] = _f(None, "torch intra-op threads per actor; default: the actor's CPUs (>= 1)")
+    torch_threads: Optional[int] = _f(None, "torch intra-op threads per actor; default: the actor's CPUs (>= 1), and "
+                                            "half the machine's cores for the local executor")
     round_timeout_s: Union[float, Literal["auto"], None] = _f(
         "auto", "deadline per round (Ray), and for evaluation, checkpoint and save calls; clients not done are dropped "
         "(their actor is treated as lost). auto = 10x the slowest of the rounds so far, at least "

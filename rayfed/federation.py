@@ -179,6 +179,10 @@ class Federation:
             raise ConfigError("the model has no parameters to train")
         self.role_counts = roles[plan.union].counts()
         self._validated = (ds, plan)
+        log.info("data: %d clients, %d train / %d test samples, tasks %s; plan: %d training, %d held out, %d per "
+                 "round, %d model structure(s)", len(ds.client_ids), sum(ds.num_train(c) for c in ds.client_ids),
+                 sum(ds.num_test(c) for c in ds.client_ids), [t.name for t in ds.info.task_infos()],
+                 len(plan.train_ids), len(plan.holdouts), plan.clients_per_round, len(plan.structures))
         if len(plan.structures) > 1:
             counts = plan.structure_counts()
             self.structures = {s.label(): {"clients": counts[s], "roles": roles[s].counts()} for s in plan.structures}
@@ -220,6 +224,8 @@ class Federation:
         ds, plan = self._validated or self._validate()  # before any actor starts
         self._validated = None
         run_dir = self._make_run_dir()
+        if run_dir is not None:
+            _write_clients(run_dir / "clients.csv", ds, plan)
         state_dir = cfg.runtime.state_dir or (str(run_dir / "state") if run_dir is not None else None)
         trackers = make_loggers(cfg.output.loggers, run_dir, to_dict(cfg)) if run_dir is not None else []
         if cfg.output.loggers and run_dir is None:
@@ -344,6 +350,9 @@ class Federation:
                 failures += lost
                 rnd["actors_lost"] = len(lost)
             rnd["seconds"] = time.perf_counter() - t0
+            log.info("round %d: %d clients trained (%d failed) in %.2f s%s", r + 1, len(out.updates),
+                     len(out.failures), rnd["seconds"],
+                     f"; client-mean accuracy {rnd['accuracy_mean']:.4f}" if "accuracy_mean" in rnd else "")
             add(r + 1, -1, "train", {k2: v for k2, v in rnd.items() if not k2.startswith(("accuracy", "test_"))})
             self._rounds_done = r + 1
             log_.flush(r + 1)
@@ -437,6 +446,18 @@ class Federation:
             **({"structures": self.structures} if getattr(self, "structures", None) else {}),
             "run_dir": str(run_dir) if run_dir else None,
         }
+
+
+def _write_clients(path: Path, ds: FederatedDataset, plan: RunPlan) -> None:
+    """One row per client: its sizes, natural group (partition by_column), depth tier, tasks, site and
+    whether it is held out of training.
+    """
+    held = set(plan.holdouts)
+    rows = [{"client_id": c, "num_train": ds.num_train(c), "num_test": ds.num_test(c),
+             **({"group": ds.client_groups[c]} if ds.client_groups is not None else {}),
+             "tier": s.tier, "tasks": "+".join(s.tasks), "site": s.site, "held_out": c in held}
+            for c, s in sorted(plan.specs.items())]
+    pd.DataFrame(rows).to_csv(path, index=False)
 
 
 def _progress(total: int, start: int, enabled: bool, desc: str):

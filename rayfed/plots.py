@@ -50,13 +50,14 @@ def plot_accuracy(metrics: pd.DataFrame, path: str | Path, *, task: str = "") ->
         color = f"C{i}"
         for metric, style in pairs:
             s = g[g.metric == metric].sort_values("round")
-            if len(s):
-                ax.plot(s["round"], s["value"], style, color=color,
-                        label=f"{alg} ({'client mean' if metric == pairs[0][0] else 'weighted'})")
+            if len(s):  # one legend entry per method; the line styles are explained in the title
+                ax.plot(s["round"], s["value"], style, color=color, label=alg if metric == pairs[0][0] else None)
+    ax.set_title("solid: client mean, dashed: sample-weighted", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("test loss (own split)" if regression else "test accuracy (own split)")
     if task:
-        ax.set_title(f"task {task}")
+        ax.set_title(f"task {task} (solid: client mean, dashed: sample-weighted)", fontsize=8)
     if regression and (m[m.metric.isin([p for p, _ in pairs])].value > 0).all():
         ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -234,3 +234,19 @@ def test_a_logger_without_its_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match=r"the wandb logger needs the 'wandb' package.*rayfed-pfl\[wandb\]"):
         Federation(small_config(output__loggers="[wandb]"), run_dir=False).fit()
+
+
+def test_the_run_directory_lists_its_clients_with_their_natural_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    writers = np.repeat(["ann", "bob", "cy"], 20)
+    pq.write_table(pa.table({"features": pa.array(list(x), pa.list_(pa.float32())), "label": np.arange(60) % 2,
+                             "writer": writers}), tmp_path / "w.parquet")
+    cfg = small_config(data__source="parquet", data__path=str(tmp_path / "w.parquet"), data__group_column="writer",
+                       data__partition__name="by_column", data__num_clients=3, rounds=1)
+    Federation(cfg, run_dir=tmp_path / "run").fit()
+    table = pd.read_csv(tmp_path / "run" / "clients.csv")
+    assert list(table.group) == ["ann", "bob", "cy"] and list(table.client_id) == [0, 1, 2]
+    assert (table.num_train + table.num_test == 20).all()

@@ -70,6 +70,11 @@ def check_samples(x: Inputs, y: np.ndarray, target: str, where: str) -> None:
                               "must be 0, 1, 2, ...: fix or drop those rows")
 
 
+def _group_names(groups) -> list[str]:
+    values = np.unique(np.asarray(groups))
+    return [str(v.item() if isinstance(v, np.generic) else v) for v in values]
+
+
 def _take(x: Inputs, order: np.ndarray) -> Inputs:
     return {k: v[order] for k, v in x.items()} if isinstance(x, Mapping) else x[order]
 
@@ -142,6 +147,8 @@ class FederatedDataset:
         self.client_ids: list[int] = sorted({int(c) for s in stores.values() for c in s.clients})
         self._present = frozenset(self.client_ids)
         self.label_names = label_names
+        #: the natural group (data.group_column value) of each client under partition by_column, else None
+        self.client_groups: Optional[list[str]] = None
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int) -> FederatedDataset:
@@ -192,7 +199,10 @@ class FederatedDataset:
         check_samples(x, y, "regression" if info.task == "regression" else "class", "the data's samples")
         parts = partition_indices(y, num_clients, partition, seed, groups)
         splits = [split_train_test(p, y, test_fraction, seed, cid) for cid, p in enumerate(parts)]
-        return cls(x, y, info, splits, label_names)
+        ds = cls(x, y, info, splits, label_names)
+        if partition.name == "by_column":  # client i holds the i-th group value in sorted order
+            ds.client_groups = _group_names(groups)
+        return ds
 
     @classmethod
     def from_tasks(cls, sources: Sequence[TaskSource], *, num_clients: int, partition: PartitionConfig,
@@ -246,6 +256,8 @@ class FederatedDataset:
             done.append((s, clients, splits, store))
         ds = cls.__new__(cls)
         ds._init(DatasetInfo.for_tasks(tuple(s.info for s in sources)), stores, num_clients, label_names)
+        if partition.name == "by_column" and sources[0].groups is not None:
+            ds.client_groups = _group_names(sources[0].groups)
         return ds
 
     # -- access ----------------------------------------------------------------------------------
@@ -281,6 +293,7 @@ class FederatedDataset:
         stores = {n: sub for n, s in self._stores.items() if (sub := s.subset(wanted)) is not None}
         ds = type(self).__new__(type(self))
         ds._init(self.info, stores, self.num_clients, self.label_names)
+        ds.client_groups = self.client_groups
         return ds
 
     def nbytes(self) -> int:

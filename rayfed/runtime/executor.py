@@ -9,9 +9,12 @@ seed gives identical results on either.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from rayfed.algorithms.base import Algorithm
 from rayfed.checkpoint import CLIENTS_DIR, SERVER_FILE
@@ -88,6 +91,8 @@ class LocalExecutor(Executor):
                  model_factory: Optional[Callable] = None, *, plan: Optional[RunPlan] = None,
                  state_dir: Optional[str] = None) -> None:
         self.cfg = cfg
+        if cfg.runtime.torch_threads is None:  # torch's default (every core) slows a busy machine badly
+            torch.set_num_threads(default_threads())
         self.policy = FailurePolicy(cfg.runtime)
         self.plan = plan if plan is not None else plan_run(cfg, algorithm, dataset, model_factory)[0]
         self.server = ServerCore(cfg, algorithm, dataset.info, dataset.client_sizes(), model_factory, plan=self.plan)
@@ -142,6 +147,11 @@ class LocalExecutor(Executor):
 
     def server_state(self):
         return self.server.state
+
+
+def default_threads() -> int:
+    """Torch threads of the local executor when ``runtime.torch_threads`` is not set: half the cores."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def make_executor(cfg: FederationConfig, algorithm: Algorithm, dataset: FederatedDataset,
