@@ -47,7 +47,7 @@ def test_state_store_round_trip_permissions_and_atomic_writes(tmp_path, monkeypa
                                                                                "by_round": {1: np.ones(2)}},
                            rounds_trained=4, masks={"w": torch.tensor([True, False])})
     store[7] = ClientState(7)
-    path = store.save(tmp_path / "states", "actor_0", round=3)
+    [path] = store.save(tmp_path / "states", "actor_0", round=3)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     back = read_client_states(tmp_path / "states")
     assert sorted(back) == [2, 7]

@@ -256,8 +256,13 @@ class FederatedDataset:
             done.append((s, clients, splits, store))
         ds = cls.__new__(cls)
         ds._init(DatasetInfo.for_tasks(tuple(s.info for s in sources)), stores, num_clients, label_names)
-        if partition.name == "by_column" and sources[0].groups is not None:
-            ds.client_groups = _group_names(sources[0].groups)
+        if partition.name == "by_column":  # a task's k-th client holds its k-th group value (first task wins)
+            groups = [""] * num_clients
+            for s, clients, _, _ in reversed(done):
+                if s.groups is not None:
+                    for c, g in zip(clients, _group_names(s.groups)):
+                        groups[c] = g
+            ds.client_groups = groups if any(groups) else None
         return ds
 
     # -- access ----------------------------------------------------------------------------------
