@@ -517,6 +517,13 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "weight decay")
     max_steps: Optional[int] = _f(None, "cap on optimizer steps per round (None = full epochs)")
     grad_clip: Optional[float] = _f(None, "clip the gradient norm to this value (None = off)")
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "local training's forward in this precision (torch.autocast; fp16 with a gradient scaler on GPUs); "
+        "bf16 runs on CPUs too")
+    grad_accumulation: int = _f(1, "mini-batches whose gradients are summed before each optimizer step")
+    lr_schedule: Literal["constant", "cosine", "linear"] = _f(
+        "constant", "learning-rate schedule over a client's local steps of a round (after train.warmup_steps)")
+    warmup_steps: int = _f(0, "optimizer steps of linear warm-up at the start of each round's local training")
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 0, "train.local_epochs", self.local_epochs, "an integer >= 0")
@@ -528,6 +535,8 @@ class TrainConfig:
             require(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1 or null")
         if self.grad_clip is not None:
             require(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "a number > 0 or null")
+        require(self.grad_accumulation >= 1, "train.grad_accumulation", self.grad_accumulation, "an integer >= 1")
+        require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
 
 
 @dataclass

@@ -15,8 +15,8 @@ from rayfed.data.info import ClientData, TaskInfo
 from rayfed.models import forward_logits
 from rayfed.models.views import named_params, set_mode
 
-__all__ = ["batches", "evaluate", "evaluate_data", "forward_task", "local_steps", "make_optimizer", "only_trainable",
-           "is_multitask", "task_loss", "train_client", "train_epochs", "warm_up"]
+__all__ = ["Stepper", "batches", "evaluate", "evaluate_data", "evaluate_task", "forward_task", "is_multitask",
+           "local_steps", "make_optimizer", "only_trainable", "task_loss", "train_client", "train_epochs", "warm_up"]
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
@@ -142,20 +142,84 @@ def train_epochs(
     with only_trainable(model, names) as params:
         if not params:
             return {"train_loss": float("nan"), "steps": 0}
-        opt = make_optimizer(params, cfg, lr=lr)
+        step = Stepper(params, cfg, lr=lr, batches=total, device=device)
         while steps < total:
             for xb, yb in batches(xt, yt, cfg.batch_size, generator=generator):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(forward_logits(model, xb), yb)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                loss_sum += float(loss.detach())
+                loss_sum += step(lambda xb=xb, yb=yb: loss_fn(forward_logits(model, xb), yb))
                 steps += 1
                 if steps >= total:
                     break
+        step.finish()
     return {"train_loss": loss_sum / steps, "steps": steps}
+
+
+class Stepper:
+    """One optimizer step per batch (or per ``train.grad_accumulation`` batches), with the loss
+    computed under ``train.precision`` autocast and the learning rate following ``train.lr_schedule``
+    over the round's ``batches``. With the defaults (fp32, no accumulation, constant rate) a call is
+    exactly ``zero_grad; loss.backward(); clip; step``. Call :meth:`finish` after the last batch: it
+    applies the gradients of an incomplete accumulation group.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig, *, lr: float | None, batches: int,
+                 device: torch.device) -> None:
+        self.params, self.cfg = params, cfg
+        self.opt = make_optimizer(params, cfg, lr=lr)
+        self.accum = cfg.grad_accumulation
+        self.k = 0
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else None)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and device.type == "cuda" else None
+        self.schedule = None
+        if cfg.lr_schedule != "constant" or cfg.warmup_steps:
+            total = max(1, math.ceil(batches / self.accum))
+            warm = min(cfg.warmup_steps, total - 1) if total > 1 else 0
+
+            def factor(i: int) -> float:
+                if i < warm:
+                    return (i + 1) / (warm + 1)
+                done = (i - warm) / max(1, total - warm)
+                if cfg.lr_schedule == "cosine":
+                    return 0.5 * (1 + math.cos(math.pi * done))
+                if cfg.lr_schedule == "linear":
+                    return 1.0 - done
+                return 1.0
+
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+
+    def __call__(self, compute_loss) -> float:
+        """Forward and backward one batch (``compute_loss()`` returns its loss); returns the loss."""
+        if self.k % self.accum == 0:
+            self.opt.zero_grad(set_to_none=True)
+        if self.autocast is not None:
+            with self.autocast:
+                loss = compute_loss()
+        else:
+            loss = compute_loss()
+        scaled = loss / self.accum if self.accum > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.k += 1
+        if self.k % self.accum == 0:
+            self._step()
+        return float(loss.detach())
+
+    def finish(self) -> None:
+        """Apply the gradients of batches not yet stepped on (``grad_accumulation`` > 1)."""
+        if self.k % self.accum:
+            self._step()
+
+    def _step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if self.schedule is not None:
+            self.schedule.step()
 
 
 @torch.no_grad()
@@ -259,19 +323,16 @@ def train_client(model: torch.nn.Module, names: Iterable[str], data: ClientData,
     with only_trainable(model, names) as params:
         if not params:
             return {"train_loss": float("nan"), "steps": 0}
-        opt = make_optimizer(params, cfg, lr=lr)
+        planned = sum(local_steps(t.num_train, cfg.batch_size, epochs) for t in data.tasks.values())
+        step = Stepper(params, cfg, lr=lr, batches=planned if max_steps is None else min(planned, max_steps),
+                       device=device)
         for info, (xb, yb) in _task_batches(data, infos, cfg, device, generator, epochs, max_steps):
-            opt.zero_grad(set_to_none=True)
-            loss = task_loss(forward_task(model, info, xb), yb, kind=info.target)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            value = float(loss.detach())
+            value = step(lambda info=info, xb=xb, yb=yb: task_loss(forward_task(model, info, xb), yb, kind=info.target))
             sums[info.name][0] += value
             sums[info.name][1] += 1
             total += value
             steps += 1
+        step.finish()
     if steps == 0:
         return {"train_loss": float("nan"), "steps": 0}
     return {"train_loss": total / steps, "steps": steps,

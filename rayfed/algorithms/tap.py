@@ -252,21 +252,23 @@ def distill_client(model: torch.nn.Module, names: Iterable[str], data: ClientDat
     the steps, and per task under ``tasks``.
     """
     from rayfed.models.views import set_mode
-    from rayfed.training import forward_task, local_steps, make_optimizer, only_trainable, task_loss, to_tensors
+    from rayfed.training import Stepper, forward_task, local_steps, only_trainable, task_loss, to_tensors
 
-    streams = {}
+    streams, planned = {}, 0
     for name, t in data.tasks.items():
         xt, yt = to_tensors(t.x_train, t.y_train, device)
         total = local_steps(len(yt), cfg.batch_size, epochs)
         if total > 0 and len(yt):
             streams[name] = _index_stream(len(yt), cfg.batch_size, total, generator, xt, yt)
+            planned += total
     set_mode(model, True)
     sums = {n: [0.0, 0.0, 0] for n in data.tasks}
     steps = 0
     with only_trainable(model, names) as params:
         if not params or not streams:
             return {"train_loss": float("nan"), "distill_loss": float("nan"), "steps": 0}
-        opt = make_optimizer(params, cfg, lr=lr)
+        step = Stepper(params, cfg, lr=lr, device=device,
+                       batches=planned if cfg.max_steps is None else min(planned, cfg.max_steps))
         while streams and (cfg.max_steps is None or steps < cfg.max_steps):
             for name in list(streams):
                 batch = next(streams[name], None)
@@ -275,25 +277,27 @@ def distill_client(model: torch.nn.Module, names: Iterable[str], data: ClientDat
                     continue
                 idx, xb, yb = batch
                 kind = infos[name].target
-                out = forward_task(model, infos[name], xb)
-                loss = task_loss(out, yb, kind=kind)
                 w = float(weights.get(name, 0.0))
-                kd = torch.zeros((), device=out.device)
-                if teacher is not None and w > 0:
-                    kd = distillation_loss(out, teacher[name][idx].to(out.device), temperature=temperature,
-                                           kind=kind, image_loss=image_loss)
-                opt.zero_grad(set_to_none=True)
-                (loss + w * kd).backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                parts: dict[str, torch.Tensor] = {}
+
+                def objective(name=name, idx=idx, xb=xb, yb=yb, kind=kind, w=w, parts=parts) -> torch.Tensor:
+                    out = forward_task(model, infos[name], xb)
+                    parts["loss"] = task_loss(out, yb, kind=kind)
+                    parts["kd"] = torch.zeros((), device=out.device)
+                    if teacher is not None and w > 0:
+                        parts["kd"] = distillation_loss(out, teacher[name][idx].to(out.device),
+                                                        temperature=temperature, kind=kind, image_loss=image_loss)
+                    return parts["loss"] + w * parts["kd"]
+
+                step(objective)
                 s = sums[name]
-                s[0] += float(loss.detach())
-                s[1] += float(kd.detach())
+                s[0] += float(parts["loss"].detach())
+                s[1] += float(parts["kd"].detach())
                 s[2] += 1
                 steps += 1
                 if cfg.max_steps is not None and steps >= cfg.max_steps:
                     break
+        step.finish()
     done = {n: s for n, s in sums.items() if s[2]}
     return {"train_loss": sum(s[0] for s in done.values()) / max(steps, 1),
             "distill_loss": sum(s[1] for s in done.values()) / max(steps, 1), "steps": steps,
