@@ -269,6 +269,11 @@ class DataConfig:
         "(modality, task) pairs built from mnist, animal_mnist, bbc_news and easy_vqa: data.archetypes)")
     path: Optional[str] = _f(None, "Parquet file/directory, or Hugging Face dataset folder or name")
     split: Optional[str] = _f(None, "Hugging Face split to read (default: train, or the only one)")
+    test_split: Optional[str] = _f(
+        "auto", "Hugging Face split whose rows become the clients' test sets: each client is tested on rows of "
+        "the classes it trains on, in proportion to its training counts per class (on its own group's rows under "
+        "partition by_column); auto = the dataset's 'test' split when it has one (single-task data); null = "
+        "hold out data.test_fraction of each client's own rows")
     feature_column: str = _f("features", "column holding features (list of numbers, or encoded image bytes)")
     label_column: str = _f("label", "column holding integer class labels")
     group_column: Optional[str] = _f(None, "column with a natural client id (writer, site) for by_column")
@@ -313,6 +318,13 @@ class DataConfig:
             what = "a Parquet file or directory" if self.source == "parquet" else "a dataset folder or name"
             raise ConfigError(f"config key 'data.path': data.source={self.source!r} needs a path, got None; "
                               f"set data.path to {what}")
+        if self.test_split not in (None, "auto"):
+            require(self.source == "huggingface", "data.test_split", self.test_split,
+                    "'auto' or null unless data.source=huggingface (other sources split by data.test_fraction)")
+            require(self.test_split != (self.split or "train"), "data.test_split", self.test_split,
+                    f"another split than the training split {self.split or 'train'!r}")
+            require(not self.tasks, "data.test_split", self.test_split,
+                    "'auto' or null with data.tasks (each task's clients split their own rows)")
         if self.source == "parquet":
             p = Path(self.path).expanduser()
             if not p.exists():

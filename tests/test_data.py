@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from rayfed.config import DataConfig, PartitionConfig, SyntheticConfig
 from rayfed.data import FederatedDataset, load_source, partition_indices, plot_label_distribution
-from rayfed.data.partition import split_train_test
+from rayfed.data.partition import assign_test_rows, split_train_test
 from rayfed.errors import ConfigError
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=3000)
@@ -217,12 +218,44 @@ def test_huggingface_save_to_disk(tmp_path) -> None:
                      partition=PartitionConfig(min_samples=2))
     ds = FederatedDataset.from_config(cfg, seed=0)
     assert ds.info.feature_shape == (1, 6, 6) and ds.info.num_classes == 4  # from the ClassLabel feature
-    assert sum(ds.num_train(c) + ds.num_test(c) for c in ds.client_ids) == 30
+    # the dataset's own test split is the clients' test data (data.test_split: auto); train rows are all trained on
+    assert sum(ds.num_train(c) for c in ds.client_ids) == 30 and sum(ds.num_test(c) for c in ds.client_ids) == 6
+    own = FederatedDataset.from_config(dataclasses.replace(cfg, test_split=None), seed=0)
+    assert sum(own.num_train(c) + own.num_test(c) for c in own.client_ids) == 30
     table, _ = load_source(DataConfig(source="huggingface", path=str(tmp_path / "hf"), split="test",
                                       feature_column="image"), 0)
     assert table.num_rows == 6
     with pytest.raises(ConfigError, match="split 'valid' not in .*splits there: train, test"):
         load_source(DataConfig(source="huggingface", path=str(tmp_path / "hf"), split="valid"), 0)
+
+
+def test_own_test_split_follows_each_clients_classes_or_group(tmp_path) -> None:
+    import datasets
+    rng = np.random.default_rng(0)
+    def split(n, k):
+        y = np.arange(n) % k
+        return datasets.Dataset.from_dict({"features": rng.normal(size=(n, 3)).tolist(), "label": y.tolist(),
+                                           "site": [f"s{v % 3}" for v in range(n)]})
+    datasets.DatasetDict({"train": split(120, 4), "test": split(80, 4)}).save_to_disk(str(tmp_path / "hf"))
+    cfg = DataConfig(source="huggingface", path=str(tmp_path / "hf"), num_clients=4,
+                     partition=PartitionConfig(name="pathological", classes_per_client=1, min_samples=2))
+    ds = FederatedDataset.from_config(cfg, seed=1)
+    seen = []
+    for c in ds.client_ids:
+        t = ds.client_data(c).only_task()
+        assert set(t.y_test) == set(t.y_train)  # tested on the classes it trains on, from the test split
+        seen.append(len(t.y_test))
+    assert sum(seen) == 80 and sum(ds.num_train(c) for c in ds.client_ids) == 120
+    # by_column: a client's test rows are its own group's
+    grouped = FederatedDataset.from_config(dataclasses.replace(cfg, num_clients=3, group_column="site",
+                                                               partition=PartitionConfig(name="by_column")), seed=0)
+    assert [grouped.num_test(c) for c in grouped.client_ids] == [27, 27, 26]
+    with pytest.raises(ConfigError, match="data.test_split.*'valid' not in"):
+        FederatedDataset.from_config(dataclasses.replace(cfg, test_split="valid"), seed=0)
+    with pytest.raises(ConfigError, match="data.test_split"):
+        DataConfig(source="digits", test_split="test")
+    with pytest.raises(ConfigError, match=r"client\(s\) \[.*\] get no row"):
+        assign_test_rows([np.array([0, 1]), np.array([2, 3])], np.array([0, 0, 1, 1, 0]), np.array([4]), seed=0)
 
 
 def _tiny_tokenizer(folder) -> str:

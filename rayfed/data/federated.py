@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from rayfed.config import DataConfig, PartitionConfig
 from rayfed.data.info import ClientData, DatasetInfo, Inputs, TaskData, TaskInfo
-from rayfed.data.partition import partition_indices, split_train_test
-from rayfed.data.sources import label_names, load_source, table_to_arrays, task_targets
+from rayfed.data.partition import assign_test_rows, partition_indices, split_train_test
+from rayfed.data.sources import label_names, load_source, own_test_mask, table_to_arrays, task_targets
 from rayfed.errors import ConfigError
 
 __all__ = ["FederatedDataset", "TaskSource", "check_samples"]
@@ -179,7 +179,7 @@ class FederatedDataset:
         if not cfg.tasks:
             return cls.from_arrays(x, y, info, num_clients=cfg.num_clients, partition=cfg.partition,
                                    test_fraction=cfg.test_fraction, seed=seed, groups=groups,
-                                   label_names=label_names(table))
+                                   label_names=label_names(table), test_rows=own_test_mask(table))
         sources = [TaskSource(t_info, x, t_y, clients)
                    for t_info, t_y, clients in task_targets(table, cfg, info)]
         sources[0].groups = groups
@@ -189,16 +189,27 @@ class FederatedDataset:
     @classmethod
     def from_arrays(cls, x: np.ndarray, y: np.ndarray, info: DatasetInfo, *, num_clients: int,
                     partition: PartitionConfig, test_fraction: float, seed: int,
-                    groups: Optional[np.ndarray] = None,
-                    label_names: Optional[list[str]] = None) -> FederatedDataset:
+                    groups: Optional[np.ndarray] = None, label_names: Optional[list[str]] = None,
+                    test_rows: Optional[np.ndarray] = None) -> FederatedDataset:
         """Partition in-memory arrays (``x`` shaped ``(n, *info.feature_shape)``, ``y`` int labels).
+
+        ``test_rows`` (a boolean mask) marks the data set's own test rows: the other rows are
+        partitioned and the test rows dealt to the clients by
+        :func:`~rayfed.data.partition.assign_test_rows`; without it every client holds out
+        ``test_fraction`` of its own rows.
 
         Raises:
             ConfigError: NaN or infinite features or targets, or negative labels (counting the rows).
         """
         check_samples(x, y, "regression" if info.task == "regression" else "class", "the data's samples")
-        parts = partition_indices(y, num_clients, partition, seed, groups)
-        splits = [split_train_test(p, y, test_fraction, seed, cid) for cid, p in enumerate(parts)]
+        if test_rows is None:
+            parts = partition_indices(y, num_clients, partition, seed, groups)
+            splits = [split_train_test(p, y, test_fraction, seed, cid) for cid, p in enumerate(parts)]
+        else:
+            train, test = np.flatnonzero(~test_rows), np.flatnonzero(test_rows)
+            parts = [train[p] for p in partition_indices(y[train], num_clients, partition, seed,
+                                                         None if groups is None else groups[train])]
+            splits = list(zip(parts, assign_test_rows(parts, y, test, seed, groups)))
         ds = cls(x, y, info, splits, label_names)
         if partition.name == "by_column":  # client i holds the i-th group value in sorted order
             ds.client_groups = _group_names(groups)

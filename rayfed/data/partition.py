@@ -22,7 +22,7 @@ import numpy as np
 from rayfed.config import PartitionConfig
 from rayfed.errors import ConfigError
 
-__all__ = ["partition_indices", "split_train_test"]
+__all__ = ["assign_test_rows", "partition_indices", "split_train_test"]
 
 
 def partition_indices(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int,
@@ -70,6 +70,60 @@ def partition_indices(labels: np.ndarray, num_clients: int, cfg: PartitionConfig
     else:  # pragma: no cover - PartitionConfig rejects other names
         raise ConfigError(f"config key 'data.partition.name': unknown partitioner {cfg.name!r}")
     return _from_owner(_owner_from_counts(counts, y, class_counts, rng), num_clients)
+
+
+def assign_test_rows(parts: list[np.ndarray], labels: np.ndarray, test_rows: np.ndarray, seed: int,
+                     groups: Optional[np.ndarray] = None) -> list[np.ndarray]:
+    """Deal a data set's own test rows out to the clients that trained on ``parts``.
+
+    With ``groups`` (partition ``by_column``), a client gets the test rows of its own group. Otherwise
+    each class's test rows (shuffled, seeded) go to the clients in proportion to how many training
+    samples of that class each holds (largest remainder), so every client is tested on its own label
+    distribution; rows of a class no client trains on are left out.
+
+    Args:
+        parts: each client's training indices (into ``labels``).
+        labels: labels of every row, train and test.
+        test_rows: indices of the test rows.
+        seed: run seed.
+        groups: the natural client id of every row, for ``by_column``.
+
+    Returns:
+        One sorted index array per client.
+
+    Raises:
+        ConfigError: a client would get no test row.
+    """
+    test_rows = np.asarray(test_rows)
+    out: list[list[np.ndarray]] = [[] for _ in parts]
+    if groups is not None:
+        groups = np.asarray(groups)
+        owner = {groups[p[0]].item() if isinstance(groups[p[0]], np.generic) else groups[p[0]]: c
+                 for c, p in enumerate(parts) if len(p)}
+        for value in np.unique(groups[test_rows]):
+            c = owner.get(value.item() if isinstance(value, np.generic) else value)
+            if c is not None:
+                out[c].append(test_rows[groups[test_rows] == value])
+    else:
+        values, y = np.unique(np.asarray(labels), return_inverse=True)
+        counts = np.stack([np.bincount(y[p], minlength=len(values)) for p in parts])  # clients x classes
+        rng = np.random.default_rng([seed % 2**63, 0x7E57, 0x5E7])
+        for k in np.unique(y[test_rows]):
+            if counts[:, k].sum() == 0:
+                continue
+            rows = test_rows[y[test_rows] == k]
+            rows = rows[rng.permutation(len(rows))]
+            cut = np.cumsum(_round_alloc(len(rows), counts[:, k] / counts[:, k].sum()))[:-1]
+            for c, piece in enumerate(np.split(rows, cut)):
+                if len(piece):
+                    out[c].append(piece)
+    result = [np.sort(np.concatenate(o)) if o else np.zeros(0, np.int64) for o in out]
+    empty = [c for c, r in enumerate(result) if not len(r)]
+    if empty:
+        raise ConfigError(f"config key 'data.test_split': client(s) {empty[:10]} get no row of the data set's own "
+                          f"test split ({len(test_rows)} rows for {len(parts)} clients); set data.test_split=null "
+                          "to split each client's own rows by data.test_fraction, or use fewer clients")
+    return result
 
 
 def split_train_test(indices: np.ndarray, labels: np.ndarray, test_fraction: float,

@@ -29,9 +29,11 @@ from rayfed.config import DataConfig, SyntheticConfig
 from rayfed.data.info import DatasetInfo
 from rayfed.errors import ConfigError
 
-__all__ = ["load_source", "table_to_arrays", "task_targets"]
+__all__ = ["TEST_ROW_COLUMN", "load_source", "table_to_arrays", "own_test_mask", "task_targets"]
 
 LABEL_NAMES_KEY = b"rayfed.label_names"
+#: boolean column marking the rows of a data set's own test split (data.test_split)
+TEST_ROW_COLUMN = "test_row"
 TASK_OUTPUTS_KEY = b"rayfed.task_outputs"
 
 
@@ -92,6 +94,15 @@ def table_to_arrays(table: pa.Table, info: DatasetInfo) -> tuple[np.ndarray, np.
     y = table.column("label").to_numpy().astype(np.float32 if info.task == "regression" else np.int64, copy=False)
     groups = table.column("group").to_numpy(zero_copy_only=False) if "group" in table.column_names else None
     return x, y, groups
+
+
+def own_test_mask(table: pa.Table) -> Optional[np.ndarray]:
+    """Which rows of a :func:`load_source` table come from the data set's own test split (a boolean
+    mask), or ``None`` when the clients split their own rows (``data.test_fraction``).
+    """
+    if TEST_ROW_COLUMN not in table.column_names:
+        return None
+    return table.column(TEST_ROW_COLUMN).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def task_targets(table: pa.Table, cfg: DataConfig, info: DatasetInfo):
@@ -240,12 +251,37 @@ def _load_huggingface(cfg: DataConfig) -> tuple[pa.Table, DatasetInfo]:
         if split is None:
             raise ConfigError(f"config key 'data.split': {cfg.path!r} has splits {', '.join(splits)} and "
                               "none is 'train'; set data.split to one of them")
-        ds = ds[split]
+        test = _test_split_name(cfg, splits, split)
+        test_ds, ds = (ds[test] if test else None), ds[split]
+    elif cfg.test_split not in (None, "auto"):
+        raise ConfigError(f"config key 'data.test_split': {cfg.path!r} is a single split, so it has no split "
+                          f"{cfg.test_split!r}; set data.test_split=null (or auto)")
+    else:
+        test_ds = None
     _check_columns(list(ds.column_names), cfg, cfg.path)
     label_feature = ds.features.get(cfg.label_column)
     hint = getattr(label_feature, "num_classes", None)
     table = ds.select_columns(_needed(cfg)).with_format("arrow")[:]
-    return _from_table(table, cfg, cfg.path, hint, getattr(label_feature, "names", None))
+    n_train = table.num_rows
+    if test_ds is not None:  # one table, so labels map to the same ids; the test rows are marked
+        _check_columns(list(test_ds.column_names), cfg, f"{cfg.path} (split {cfg.test_split})")
+        table = pa.concat_tables([table, test_ds.select_columns(_needed(cfg)).with_format("arrow")[:].cast(
+            table.schema)])
+    out, info = _from_table(table, cfg, cfg.path, hint, getattr(label_feature, "names", None))
+    if test_ds is not None:
+        out = out.append_column(TEST_ROW_COLUMN, pa.array(np.arange(out.num_rows) >= n_train))
+    return out, info
+
+
+def _test_split_name(cfg: DataConfig, splits: list[str], train: str) -> Optional[str]:
+    """The split whose rows become the clients' test sets (data.test_split), or None."""
+    if cfg.test_split is None or (cfg.test_split == "auto" and (cfg.tasks or "test" not in splits or train == "test")):
+        return None
+    name = "test" if cfg.test_split == "auto" else cfg.test_split
+    if name not in splits:
+        raise ConfigError(f"config key 'data.test_split': split {name!r} not in {cfg.path!r}; splits there: "
+                          f"{', '.join(splits)}; set data.test_split to one of them, or null")
+    return name
 
 
 def _from_table(table: pa.Table, cfg: DataConfig, where: str, num_classes_hint: Optional[int],
