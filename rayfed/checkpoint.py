@@ -42,7 +42,8 @@ MANIFEST = "rayfed_checkpoint.json"
 #: ``rounds`` may grow so that a resumed run trains longer
 _FREE = ("output", "rounds", "compare", "runtime.executor", "runtime.address", "runtime.num_actors",
          "runtime.num_cpus_per_actor", "runtime.num_gpus_per_actor", "runtime.resources_per_actor",
-         "runtime.server_num_cpus", "runtime.round_timeout_s", "runtime.sites", "runtime.actors_per_site",
+         "runtime.server_num_cpus", "runtime.server_num_gpus",
+         "runtime.server_device", "runtime.round_timeout_s", "runtime.sites", "runtime.actors_per_site",
          "runtime.on_client_failure", "runtime.min_quorum", "runtime.recovery", "runtime.device",
          "runtime.min_timeout_s", "runtime.placement_timeout_s", "runtime.state_dir")
 

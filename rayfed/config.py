@@ -603,6 +603,10 @@ class RuntimeConfig:
     num_gpus_per_actor: float = _f(0.0, "GPUs per client actor (fractional ok)")
     resources_per_actor: dict[str, float] = _f({}, "custom Ray resources per client actor, e.g. {site_a: 1}")
     server_num_cpus: float = _f(0.1, "CPUs reserved for the server actor")
+    server_num_gpus: float = _f(0.0, "GPUs for the server actor (fractional ok): the server's torch work, such as "
+                                     "FedTP's hypernetwork, then runs there (runtime.server_device)")
+    server_device: Literal["cpu", "cuda", "auto"] = _f(
+        "auto", "server torch device; auto = cuda when runtime.server_num_gpus > 0 and the server sees a GPU")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "client torch device; auto = cuda when the actor sees a GPU")
     torch_threads: Optional[int] = _f(None, "torch intra-op threads per actor; default: the actor's CPUs (>= 1), and "
                                             "half the machine's cores for the local executor")
@@ -662,6 +666,7 @@ class RuntimeConfig:
                    "a positive number (fractions such as 0.5 are fine)")
         require(self.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor", self.num_gpus_per_actor, "a number >= 0")
         require(self.server_num_cpus >= 0, "runtime.server_num_cpus", self.server_num_cpus, "a number >= 0")
+        require(self.server_num_gpus >= 0, "runtime.server_num_gpus", self.server_num_gpus, "a number >= 0")
         require(0 <= self.min_quorum <= 1, "runtime.min_quorum", self.min_quorum, "a fraction in [0, 1]")
         if self.round_timeout_s not in (None, "auto"):
             require(self.round_timeout_s > 0, "runtime.round_timeout_s", self.round_timeout_s,

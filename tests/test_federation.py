@@ -187,8 +187,16 @@ def test_model_factory_python_api():
 
 
 def test_server_state_type():
-    res = Federation(small_config(rounds=1), run_dir=False).fit()
-    assert isinstance(res.server_state, ServerState) and res.server_state.round == 1
+    res = Federation(small_config(rounds=2), run_dir=False).fit()
+    assert isinstance(res.server_state, ServerState) and res.server_state.round == 2
+    assert res.server_state.device == "cpu"  # every state the algorithm returns carries the server's device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_a_cuda_server_without_a_gpu_is_a_clear_error():
+    with pytest.raises(Exception, match=r"runtime.server_device='cuda' but this process sees no GPU.*"
+                                        r"runtime.server_num_gpus.*runtime.server_device=cpu"):
+        Federation(small_config(rounds=1, runtime__server_device="cuda"), run_dir=False).fit()
 
 
 def test_text_federation_with_bert_from_config_and_from_local_weights(tmp_path):

@@ -24,7 +24,7 @@ def _fits_exactly(plan, bundles, first_is_taken=True):
         for k, v in demand.items():
             used[i][k] = used[i].get(k, 0.0) + v
 
-    take(plan.server_bundle_index, {"CPU": plan.server_num_cpus})
+    take(plan.server_bundle_index, plan.server_resources())
     for a in plan.actors:
         take(a.bundle_index, {"CPU": a.num_cpus, **a.resources, **({"GPU": a.num_gpus} if a.num_gpus else {})})
     for i, u in used.items():
@@ -43,6 +43,19 @@ def test_trial_bundles_are_filled_exactly_by_the_executor_plan():
     assert sorted(a.bundle_index for a in plan.actors) == [2, 3]
     assert sorted(c for a in plan.actors for c in a.clients) == IDS
     _fits_exactly(plan, bundles)
+
+
+def test_a_gpu_server_gets_a_gpu_bundle_and_the_clients_keep_theirs():
+    cfg = small_config(runtime__executor="ray", runtime__num_actors=2, runtime__num_cpus_per_actor=0.5,
+                       runtime__server_num_gpus=0.5, runtime__num_gpus_per_actor=0.25)
+    bundles = trial_bundles(cfg, IDS, driver_cpus=0.4)
+    assert bundles == [{"CPU": 0.4}, {"CPU": 0.1, "GPU": 0.5}, {"CPU": 0.5, "GPU": 0.25}, {"CPU": 0.5, "GPU": 0.25}]
+    plan = plan_for_bundles(cfg, IDS, bundles, first_is_taken=True)
+    assert plan.server_bundle_index == 1 and plan.server_resources() == {"CPU": 0.1, "GPU": 0.5}
+    _fits_exactly(plan, bundles)
+    # no bundle holds the server's GPU: the error names both server keys
+    with pytest.raises(ConfigError, match="runtime.server_num_gpus=0.5 fits no bundle"):
+        plan_for_bundles(cfg, IDS, [{"CPU": 0.4}, {"CPU": 1.0}, {"CPU": 1.0}], first_is_taken=True)
 
 
 def test_bundles_without_explicit_sizes_split_each_bundle_between_its_actors():

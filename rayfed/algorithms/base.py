@@ -102,6 +102,8 @@ class ServerState:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     round: int = 0
+    #: the torch device of the server's own modules (``runtime.server_device``); numpy state stays on the host
+    device: str = "cpu"
 
 
 @dataclass

@@ -106,12 +106,13 @@ def _peft(cfg: FederationConfig):
     return cfg.model.peft if cfg.model.peft.enabled else None
 
 
-def _pick_device(requested: str | None) -> torch.device:
+def _pick_device(requested: str | None, *, key: str = "runtime.device", gpus: str = "runtime.num_gpus_per_actor",
+                 auto_cuda: bool = True) -> torch.device:
     if requested in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if auto_cuda and torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device='cuda' but this process sees no GPU; give client actors GPUs "
-                           "(runtime.num_gpus_per_actor) or set runtime.device=cpu")
+        raise RuntimeError(f"{key}='cuda' but this process sees no GPU; give the actor GPUs ({gpus}) or set "
+                           f"{key}=cpu")
     return torch.device(requested)
 
 
@@ -392,6 +393,11 @@ class ServerCore:
                                             plan.union, peft=_peft(config), partial_keys=plan.partial_keys)
         #: refuses updates with names the roles do not allow, missing tensors, bad shapes, NaN/Inf
         self.validator = UpdateValidator(plan.upload_shapes, plan.expected_uploads(), algorithm.aux_uploads)
+        rt = config.runtime
+        #: where the server's torch work runs (``ServerState.device``: an algorithm moves its server
+        #: modules there when it uses them)
+        self.device = _pick_device(rt.server_device, key="runtime.server_device", gpus="runtime.server_num_gpus",
+                                   auto_cuda=rt.server_num_gpus > 0)
         self.state = algorithm.init_server(model, self.roles, dict(client_sizes), config.seed)
         warm_up(config.train)  # server optimizers (FFGG, FedTP's hypernetwork) start warm too
         #: every tensor name this server has ever received from a client (for privacy audits)
@@ -399,6 +405,16 @@ class ServerCore:
         self.bytes_received = 0
         self._payload_seconds = 0.0
         self._steps = 0  # aggregations so far (seeds bucketing; several per round when asynchronous)
+
+    @property
+    def state(self) -> ServerState:
+        """The server state; every state the algorithm returns carries this server's device."""
+        return self._state
+
+    @state.setter
+    def state(self, value: ServerState) -> None:
+        value.device = str(self.device)
+        self._state = value
 
     def broadcast(self, round: int) -> dict[str, np.ndarray]:
         return self.algorithm.broadcast(self.state, round)

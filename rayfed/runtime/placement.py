@@ -57,6 +57,11 @@ class Plan:
     actors: list[ActorPlan]
     server_num_cpus: float
     server_bundle_index: Optional[int] = None
+    server_num_gpus: float = 0.0
+
+    def server_resources(self) -> dict[str, float]:
+        """What the server actor asks Ray for."""
+        return {"CPU": self.server_num_cpus, **({"GPU": self.server_num_gpus} if self.server_num_gpus else {})}
 
 
 def assign_clients(client_ids: Sequence[int], n: int) -> list[list[int]]:
@@ -200,7 +205,7 @@ def plan_for_cluster(cfg: FederationConfig, client_ids: Sequence[int], cluster_c
         cpus = max(0.01, _floor2((cluster_cpus - rt.server_num_cpus) / len(plans)))
     for p in plans:
         p.num_cpus = cpus
-    return Plan(plans, rt.server_num_cpus)
+    return Plan(plans, rt.server_num_cpus, server_num_gpus=rt.server_num_gpus)
 
 
 def trial_bundles(cfg: FederationConfig, client_ids: Sequence[int], driver_cpus: float = 0.5) -> list[dict]:
@@ -214,8 +219,9 @@ def trial_bundles(cfg: FederationConfig, client_ids: Sequence[int], driver_cpus:
     if driver_cpus <= 0:
         raise ConfigError(f"driver_cpus: expected CPUs > 0 for the trial's own process, got {driver_cpus!r}")
     bundles: list[dict] = [{"CPU": float(driver_cpus)}]
-    if rt.server_num_cpus > 0:
-        bundles.append({"CPU": float(rt.server_num_cpus)})
+    if rt.server_num_cpus > 0 or rt.server_num_gpus > 0:
+        bundles.append({"CPU": float(rt.server_num_cpus), **({"GPU": float(rt.server_num_gpus)}
+                                                              if rt.server_num_gpus else {})})
     cpus = rt.num_cpus_per_actor or TRIAL_DEFAULT_ACTOR_CPUS
     for p in actor_groups(cfg, client_ids, rt.num_actors or 1):
         b: dict[str, float] = {"CPU": float(cpus), **p.resources}
@@ -253,12 +259,16 @@ def plan_for_bundles(cfg: FederationConfig, client_ids: Sequence[int], bundles: 
                           "rayfed.tune.trial_resources(config)")
     free = {i: dict(bundles[i]) for i in usable}
     # server: the smallest bundle with enough CPUs (a bundle sized for it, when there is one)
-    fit = [i for i in usable if free[i].get("CPU", 0.0) + 1e-9 >= rt.server_num_cpus]
+    fit = [i for i in usable if free[i].get("CPU", 0.0) + 1e-9 >= rt.server_num_cpus
+           and free[i].get("GPU", 0.0) + 1e-9 >= rt.server_num_gpus]
     if not fit:
-        raise ConfigError(f"runtime.server_num_cpus={rt.server_num_cpus} fits no bundle of the placement group "
-                          f"{[dict(b) for b in bundles]}; lower it or reserve a bundle for the server")
-    server_idx = min(fit, key=lambda i: (free[i].get("CPU", 0.0), i))
+        raise ConfigError(f"runtime.server_num_cpus={rt.server_num_cpus} with runtime.server_num_gpus="
+                          f"{rt.server_num_gpus} fits no bundle of the placement group {[dict(b) for b in bundles]}; "
+                          "lower them or reserve a bundle for the server (rayfed.tune.trial_resources)")
+    server_idx = min(fit, key=lambda i: (free[i].get("GPU", 0.0), free[i].get("CPU", 0.0), i))
     free[server_idx]["CPU"] = free[server_idx].get("CPU", 0.0) - rt.server_num_cpus
+    if rt.server_num_gpus:
+        free[server_idx]["GPU"] = free[server_idx].get("GPU", 0.0) - rt.server_num_gpus
     cpu_bundles = [i for i in usable if free[i].get("CPU", 0.0) > 1e-9]
     site_names = set(rt.sites)
     plain = [i for i in cpu_bundles if not site_names & set(free[i])]
@@ -293,4 +303,4 @@ def plan_for_bundles(cfg: FederationConfig, client_ids: Sequence[int], bundles: 
             if p.num_cpus * count[b] > free[b].get("CPU", 0.0) + 1e-9:
                 raise ConfigError(f"bundle {b} of the placement group has {free[b].get('CPU', 0.0)} CPUs left for "
                                   f"{count[b]} client actors; set runtime.num_actors lower")
-    return Plan(plans, rt.server_num_cpus, server_idx)
+    return Plan(plans, rt.server_num_cpus, server_idx, rt.server_num_gpus)

@@ -507,9 +507,10 @@ class RayExecutor(Executor):
         self._poolable = placement_group is None
         server_threads = rt.torch_threads or max(1, int(rt.server_num_cpus))
         self._keys: dict[int, tuple] = {}
-        skey = ("server", rt.server_num_cpus, server_threads)
+        skey = ("server", rt.server_num_cpus, rt.server_num_gpus, server_threads)
         self.server = _acquire(RemoteServerActor, skey if self._poolable else None,
-                               {"num_cpus": rt.server_num_cpus, **where(placed.server_bundle_index, None)},
+                               {"num_cpus": rt.server_num_cpus, "num_gpus": rt.server_num_gpus,
+                                **where(placed.server_bundle_index, None)},
                                threads=server_threads)
         self._server_key = skey
         self.actors = []
@@ -681,13 +682,14 @@ class RayExecutor(Executor):
                 self.close(reuse=False)
                 asked = [{"CPU": a.num_cpus, "GPU": a.num_gpus, **dict(a.resources)} for a in placed.actors]
                 total = {k: sum(d.get(k, 0) for d in asked) for k in {k for d in asked for k in d}}
-                total["CPU"] = total.get("CPU", 0) + placed.server_num_cpus
+                for k, v in placed.server_resources().items():
+                    total[k] = total.get(k, 0) + v
                 raise ConfigError(
                     f"{len(pending)} of {len(refs)} actors (server and client actors) did not start within "
                     f"runtime.placement_timeout_s={rt.placement_timeout_s}: the run asks for {len(asked)} client "
-                    f"actors of {asked[0]} and a server of {{'CPU': {placed.server_num_cpus}}} ({total} in all); the "
+                    f"actors of {asked[0]} and a server of {placed.server_resources()} ({total} in all); the "
                     f"cluster has {ray.cluster_resources()}, of which {ray.available_resources()} is free. Lower "
-                    "runtime.num_actors / num_cpus_per_actor / num_gpus_per_actor, or add nodes")
+                    "runtime.num_actors / num_cpus_per_actor / num_gpus_per_actor / server_num_gpus, or add nodes")
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(2.0, left) if left else 2.0)
             done = len(refs) - len(pending)
             if done != shown and pending:
