@@ -2,11 +2,11 @@
 
 100 clients are sampled per round whatever the federation's size, a small ViT on 8x8 synthetic
 images, on Ray (one local Ray per run). For each size it reports the seconds per round (median of
-the rounds after the first), the peak resident memory of the driver and of all Ray worker processes
-together (sampled every 0.2 s from /proc), the bytes of client state on disk (checkpoint and per-round
-state files), and the start-up time (dataset build, plan and actor set-up, until round 1 starts).
-It prints the ratios the targets are judged on (10,000 clients: total RSS within 4 GiB, per-round
-time within 1.5x of 100 clients, start-up under 60 s).
+the rounds after the first), the peak resident memory of the driver and of all the Ray processes it
+started, workers included (their process tree, sampled every 0.2 s from /proc), the bytes of client
+state on disk (checkpoint and per-round state files), and the start-up time (dataset build, plan
+and actor set-up, until round 1 starts). It prints the ratios the targets are judged on (10,000
+clients: total RSS within 4 GiB, per-round time within 1.5x of 100 clients, start-up under 60 s).
 
 Usage::
 
@@ -31,24 +31,31 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _rss_tree() -> tuple[int, int]:
-    """(driver RSS, RSS of every other process of this user whose command line mentions ray) in bytes."""
+    """(driver RSS, RSS of every process descended from the driver: the Ray processes its ``ray.init``
+    started, and their workers) in bytes. Other Ray sessions on the machine are not counted."""
     me = os.getpid()
-    driver, workers = 0, 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    parent, rss = {}, {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{pid}/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-        except OSError:
+                rss[int(pid)] = int(f.read().split()[1]) * page
+            parent[int(pid)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if int(pid) == me:
-            driver = rss
-        elif "ray" in cmd and ("worker" in cmd or "raylet" in cmd or "gcs_server" in cmd or "::" in cmd):
-            workers += rss
-    return driver, workers
+    children: dict[int, list[int]] = {}
+    for pid, pp in parent.items():
+        children.setdefault(pp, []).append(pid)
+    workers, todo = 0, list(children.get(me, []))
+    while todo:
+        pid = todo.pop()
+        workers += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return rss.get(me, 0), workers
 
 
 class _Peak(threading.Thread):
