@@ -4,16 +4,20 @@ throughput of synchronous vs asynchronous training on Ray.
 Paper: Mishchenko, Islamov, Gorbunov, Horváth. *Partially Personalized Federated Learning:
 Breaking the Curse of Data Heterogeneity.* TMLR 2025, arXiv 2305.18285.
 
-Three parts (each prints a table; figures go to ``--out``):
+Four parts (each prints a table; figures go to ``--out``):
 
 1. **synthetic** (``data.source=partial_linear``, ``model.name=linear``: 8 clients, shared dim 100,
    private dim 50, no noise). Final test MSE against heterogeneity for FFGG (private ``y_i``),
-   FedAvg on all parameters, asynchronous FFGG (simulated delays, delay-adaptive step) and FFGG
-   with a quarter of 32 clients sign-flipping (-3x) under plain mean vs bucketing(2) + median.
-2. **digits**: scikit-learn digits, 10 clients with 2 classes each, a small ViT; FFGG with a
+   FedAvg on all parameters and asynchronous FFGG (simulated delays, delay-adaptive step).
+2. **robust**: FFGG on the same problem (8 and 32 clients, all taking part each round) under the
+   two attack styles of :mod:`rayfed.robust`: replace-style (a quarter of the clients send -3 x
+   their gradient instead of it) and the official code's (``extra_sign_flip``: floor(B/3) extra
+   messages, each the negated gradient of a random honest client, scale 1), with the plain mean,
+   bucketing(2) + coordinate median (the official notebook's rule) and the coordinate median.
+3. **digits**: scikit-learn digits, 10 clients with 2 classes each, a small ViT; FFGG with a
    private classifier head and a shared body (K local steps on the body) against FedAvg, FedPer
    and Local. Mean of the clients' test accuracies after ``--digits-rounds`` rounds.
-3. **throughput**: FedAvg on digits (ViT, quantity-skewed clients so local work differs) with 2
+4. **throughput**: FedAvg on digits (ViT, quantity-skewed clients so local work differs) with 2
    client actors on a Ray started here; client updates per second of the training loop, for
    ``runtime.mode=sync`` and ``async`` (real delays: ``ray.wait`` on in-flight clients), same
    number of updates. Evaluation only after the last round; the median of ``--repeats`` runs after
@@ -22,7 +26,7 @@ Three parts (each prints a table; figures go to ``--out``):
 Usage::
 
     .venv/bin/python benchmarks/ffgg.py                    # all parts, several minutes on 2 cores
-    .venv/bin/python benchmarks/ffgg.py --parts synthetic  # one part
+    .venv/bin/python benchmarks/ffgg.py --parts robust     # one part
     .venv/bin/python benchmarks/ffgg.py --quick            # smoke mode (fewer rounds and points)
 """
 
@@ -96,17 +100,41 @@ def part_synthetic(args, out: Path) -> dict:
         rows.append(row)
         print(f"  h={h}: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items() if not k.endswith(" s")), flush=True)
     table = pd.DataFrame(rows)
-    robust_rounds = 20 if args.quick else 40
-    attack = {"fraction": 0.25, "kind": "sign_flip", "scale": 3.0}
-    robust = {}
-    for name, agg, att in (("clean", {}, {}), ("mean under attack", {}, attack),
-                           ("bucketing(2)+median under attack", {"rule": "median", "bucket_size": 2}, attack),
-                           ("median under attack", {"rule": "median"}, attack)):
-        for n in (8, 32):
-            cfg = synthetic_config("ffgg", 1.0, robust_rounds, num_clients=n, aggregation=agg, attack=att)
-            robust[f"{name}, {n} clients"] = honest_loss(Federation(cfg, run_dir=False).fit())
     _plot_synthetic(table, curves, hs[-1], out / "ffgg_synthetic.png")
-    return {"heterogeneity": table, "robust": robust, "rounds": rounds, "robust_rounds": robust_rounds}
+    return {"heterogeneity": table, "rounds": rounds}
+
+
+#: the two attack styles of rayfed.robust, on FFGG's gradients (every client takes part each round)
+ATTACKS = {
+    "replace-style: 25% of the clients send -3 x their gradient (attack.kind sign_flip)":
+        {"fraction": 0.25, "kind": "sign_flip", "scale": 3.0},
+    "official: floor(B/3) extra messages, each -1 x a random honest client's gradient (extra_sign_flip)":
+        {"fraction": 0.25, "kind": "extra_sign_flip", "scale": 1.0},
+}
+RULES = {"plain mean": {}, "bucketing(2) + coordinate median": {"rule": "median", "bucket_size": 2},
+         "coordinate median": {"rule": "median"}}
+
+
+def part_robust(args, out: Path) -> dict:
+    """Honest clients' test MSE of FFGG (heterogeneity 1) under each attack style and aggregation rule."""
+    rounds = 20 if args.quick else args.robust_rounds
+    rows = []
+    for n in (8, 32):
+        clean = synthetic_config("ffgg", 1.0, rounds, num_clients=n)
+        rows.append({"clients": n, "attack": "none", "aggregation": "plain mean",
+                     "mse": honest_loss(Federation(clean, run_dir=False).fit()), "messages": 0.0})
+        for att_name, att in ATTACKS.items():
+            for rule_name, agg in RULES.items():
+                cfg = synthetic_config("ffgg", 1.0, rounds, num_clients=n, aggregation=agg, attack=att)
+                res = Federation(cfg, run_dir=False).fit()
+                m = res.metrics
+                added = m[m.metric == "server_byzantine_messages"].value
+                byz = m[(m.metric == "byzantine") & (m.value == 1)]
+                rows.append({"clients": n, "attack": att_name, "aggregation": rule_name, "mse": honest_loss(res),
+                             # Byzantine messages per round: added by the server, or sent by attacking clients
+                             "messages": float(added.mean()) if len(added) else len(byz) / cfg.rounds})
+                print(f"  {n} clients, {att_name[:24]}..., {rule_name}: {rows[-1]['mse']:.3g}", flush=True)
+    return {"table": pd.DataFrame(rows), "rounds": rounds}
 
 
 def _plot_synthetic(table: pd.DataFrame, curves: dict, h_last: float, path: Path) -> None:
@@ -221,8 +249,9 @@ def part_throughput(args, out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="synthetic,digits,throughput")
+    p.add_argument("--parts", default="synthetic,robust,digits,throughput")
     p.add_argument("--rounds", type=int, default=40, help="rounds of the synthetic runs")
+    p.add_argument("--robust-rounds", type=int, default=40, help="rounds of the Byzantine runs")
     p.add_argument("--digits-rounds", type=int, default=30)
     p.add_argument("--tp-rounds", type=int, default=12, help="rounds (x 8 updates) of the throughput runs")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per throughput mode (median reported)")
@@ -240,11 +269,19 @@ def main() -> None:
         r = part_synthetic(args, out)
         print(f"final test MSE after {r['rounds']} rounds:")
         print(r["heterogeneity"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        print(f"FFGG, heterogeneity 1, 25% sign-flipping (-3x) clients, {r['robust_rounds']} rounds, "
-              "honest clients' test MSE:")
-        for k, v in r["robust"].items():
-            print(f"  {k:45s} {v:.3g}")
         print(f"figure: {out / 'ffgg_synthetic.png'}")
+    if "robust" in parts:
+        print("== Byzantine clients: FFGG on the synthetic problem (heterogeneity 1, every client each round) ==",
+              flush=True)
+        r = part_robust(args, out)
+        t = r["table"]
+        print(f"honest clients' test MSE after {r['rounds']} rounds (messages: Byzantine messages per round):")
+        print(t.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        wide = t.pivot_table(index=["attack", "aggregation"], columns="clients", values="mse", sort=False)
+        print("\n| attack | aggregation | 8 clients | 32 clients |\n|---|---|---|---|")
+        for (att, rule), row in wide.iterrows():
+            print(f"| {att} | {rule} | {row[8]:.2g} | {row[32]:.2g} |")
+        t.to_csv(out / "ffgg_robust.csv", index=False)
     if "digits" in parts:
         print("== digits, ViT, 10 clients x 2 classes, half sampled per round ==", flush=True)
         r = part_digits(args, out)

@@ -757,12 +757,16 @@ class AttackConfig:
     flipped labels. Their train rows carry ``byzantine = 1``.
     """
 
-    fraction: float = _f(0.0, "fraction of clients that are Byzantine (seeded choice); 0 = no attack")
+    fraction: float = _f(0.0, "fraction of clients that are Byzantine (seeded choice; for extra_sign_flip the share "
+                              "of Byzantine messages among all messages); 0 = no attack")
     clients: list[int] = _f([], "explicit Byzantine client ids (overrides fraction)")
-    kind: Literal["sign_flip", "noise", "scale", "label_flip"] = _f(
-        "sign_flip", "sign_flip: send -scale x update; noise: update + N(0, noise_std^2); scale: send "
-        "scale x update; label_flip: train on flipped labels (class C-1-y; negated targets for regression)")
-    scale: float = _f(1.0, "multiplier for sign_flip and scale")
+    kind: Literal["sign_flip", "noise", "scale", "label_flip", "extra_sign_flip"] = _f(
+        "sign_flip", "replace-style (a fraction of the clients send this instead of their update): sign_flip: "
+        "-scale x update; noise: update + N(0, noise_std^2); scale: scale x update; label_flip: train on flipped "
+        "labels (class C-1-y; negated targets for regression). Message-adding (every client honest): "
+        "extra_sign_flip, the FFGG paper's official attack: floor(B f/(1-f)) extra messages per B honest updates "
+        "(f = fraction; 0.25 gives floor(B/3)), each -scale x the update of a different honest client")
+    scale: float = _f(1.0, "multiplier for sign_flip, extra_sign_flip and scale")
     noise_std: float = _f(1.0, "standard deviation of the noise added by kind=noise")
 
     def __post_init__(self) -> None:

@@ -184,3 +184,75 @@ def test_bucketing_median_keeps_ffgg_near_clean_while_the_mean_fails():
     assert runs["clean"][0] < 1e-6
     assert runs["bucket_median"][0] < 1e-3
     assert runs["mean"][0] > 1e3
+
+
+# -- the message-adding attack of the FFGG paper's official code ---------------------------------------
+def _updates(values):
+    return [ClientUpdate(c, 0, 10 + c, {"w": np.asarray(v, np.float32), "aux/e": np.ones(1)}) for c, v in values]
+
+
+def test_official_attack_adds_floor_b_over_3_negated_honest_updates():
+    att = Attack(AttackConfig(fraction=0.25, kind="extra_sign_flip"), 12, 5, 2, "gradient", on_server=True)
+    assert [att.num_added(b) for b in range(13)] == [b // 3 for b in range(13)]
+    assert att.byzantine == frozenset() and not att.is_byzantine(3)  # every client stays honest
+    sent = {"w": np.array([1.0, 2.0], np.float32)}
+    assert att.poison_upload(3, 0, sent, {})["w"] is sent["w"]
+    honest = _updates([(c, [float(c), -2.0 * c]) for c in (4, 1, 7, 2, 9, 3, 8)])  # 7 updates -> 2 messages
+    msgs = att.added_messages(honest, {}, ["w"], round=2, step=5)
+    by_id = {u.client_id: u for u in honest}
+    assert len(msgs) == 2 and len({m.client_id for m in msgs}) == 2  # two different honest clients
+    for m in msgs:
+        np.testing.assert_array_equal(m.tensors["w"], -by_id[m.client_id].tensors["w"])  # scale 1, negated
+        assert m.num_samples == by_id[m.client_id].num_samples and set(m.tensors) == {"w"}
+        assert m.metrics["byzantine"] == 1.0
+    again = att.added_messages(list(reversed(honest)), {}, ["w"], round=2, step=5)
+    assert [m.client_id for m in again] == [m.client_id for m in msgs]  # seeded, not by arrival order
+    other = [att.added_messages(honest, {}, ["w"], round=r, step=5) for r in range(6)]
+    assert len({tuple(m.client_id for m in o) for o in other}) > 1  # a new draw each round
+    # weight uploads: the negated *update*, relative to the server's weights
+    wts = Attack(AttackConfig(fraction=0.5, kind="extra_sign_flip", scale=2.0), 4, 0, 2, "weights", on_server=True)
+    base = {"w": np.array([1.0, 1.0], np.float32)}
+    (m,) = wts.added_messages(_updates([(0, [3.0, 0.0])]), base, ["w"], round=0, step=0)
+    np.testing.assert_allclose(m.tensors["w"], [1.0 - 2.0 * 2.0, 1.0 + 2.0 * 1.0])
+    with pytest.raises(ConfigError, match="attack.clients"):
+        Attack(AttackConfig(clients=[1], kind="extra_sign_flip"), 4, 0, 2, "gradient", on_server=True)
+    with pytest.raises(ConfigError, match="adds messages on the server"):  # never a silent no-op in a cohort
+        Attack(AttackConfig(fraction=0.25, kind="extra_sign_flip"), 4, 0, 2, "gradient")
+
+
+def test_added_messages_reach_the_robust_rule_and_the_mean():
+    from rayfed.robust import AddedMessages
+
+    state = ServerState({"w": np.zeros(1, np.float32)}, {}, 0)
+    att = Attack(AttackConfig(fraction=0.25, kind="extra_sign_flip"), 3, 0, 2, "gradient", on_server=True)
+    honest = [[1.0], [2.0], [4.0]]  # B = 3: one message, -1, -2 or -4; the median of the four is 1.5 in each case
+
+    def run(rule_cfg):
+        inner = FFGGAggregator(state, FFGGConfig(server_lr=1.0))
+        if rule_cfg:
+            inner = RobustAggregator(inner, state, AggregationConfig(**rule_cfg), kind="gradient", keys=["w"],
+                                     rng=np.random.default_rng(0))
+        agg = AddedMessages(inner, att, state, keys=["w"], round=0, step=0)
+        for i, v in enumerate(honest):
+            agg.add(ClientUpdate(i, 0, 1, {"w": np.asarray(v, np.float32)}))
+        return agg.finish(), agg.metrics()
+
+    med, metrics = run({"rule": "median"})
+    np.testing.assert_allclose(med.weights["w"], [-1.5])  # x <- 0 - 1 * median
+    assert metrics["byzantine_messages"] == 1.0
+    (msg,) = att.added_messages([ClientUpdate(i, 0, 1, {"w": np.asarray(v, np.float32)})
+                                 for i, v in enumerate(honest)], {}, ["w"], round=0, step=0)
+    mean, _ = run({})  # FFGG's uniform mean of the 3 honest gradients and the message
+    np.testing.assert_allclose(mean.weights["w"], [-(7.0 + float(msg.tensors["w"][0])) / 4], rtol=1e-6)
+
+
+def test_official_attack_runs_end_to_end_on_the_server():
+    """Through Federation: the cohorts stay honest, the server adds floor(B/3) messages per round."""
+    cfg = pl_config(rounds=3, num_clients=7, aggregation={"rule": "median"},
+                    attack={"fraction": 0.25, "kind": "extra_sign_flip"},
+                    data={"partial_linear": {"samples_per_client": 20}})
+    m = Federation(cfg, run_dir=False).fit().metrics
+    added = m[m.metric == "server_byzantine_messages"]
+    assert list(added.value) == [2.0] * 3  # 7 honest gradients -> floor(7/3) = 2, every round
+    byz = m[(m.metric == "byzantine") & (m.stage == "train")]
+    assert len(byz) == 0 or set(byz.value) == {0.0}  # no client attacks

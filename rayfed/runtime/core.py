@@ -30,7 +30,15 @@ from rayfed.errors import ClientError
 from rayfed.models.prepare import build_structure
 from rayfed.models.views import tensors
 from rayfed.plan import RunPlan
-from rayfed.robust import Attack, RobustAggregator, from_update, to_update, upload_kind
+from rayfed.robust import (
+    MESSAGE_ADDING_KINDS,
+    AddedMessages,
+    Attack,
+    RobustAggregator,
+    from_update,
+    to_update,
+    upload_kind,
+)
 from rayfed.roles import SERVER_HELD, UPLOADABLE, Role, RoleMap
 from rayfed.runtime.state_store import ClientStateStore
 from rayfed.runtime.validation import UpdateValidator
@@ -167,9 +175,11 @@ class ClientCohort:
         #: spilled to owner-only files beyond it; saved to safe files
         self.states = ClientStateStore(budget_bytes=None if budget is None else int(budget * 2**20),
                                        spill_dir=spill if budget is not None else None, template=self._fresh_state)
-        #: SIMULATED Byzantine behaviour (config section ``attack``); None when off
+        #: SIMULATED Byzantine clients (config section ``attack``); None when off or when the attack adds
+        #: messages on the server instead (ServerCore.attack)
         self.attack = Attack(cfg.attack, self.num_clients, cfg.seed, ds.info.num_classes, upload_kind(self.algorithm),
-                             {t.name: t.num_outputs for t in ds.info.task_infos()}) if cfg.attack.enabled else None
+                             {t.name: t.num_outputs for t in ds.info.task_infos()}) \
+            if cfg.attack.enabled and cfg.attack.kind not in MESSAGE_ADDING_KINDS else None
         warm_up(cfg.train)
 
     @property
@@ -405,6 +415,11 @@ class ServerCore:
         self.bytes_received = 0
         self._payload_seconds = 0.0
         self._steps = 0  # aggregations so far (seeds bucketing; several per round when asynchronous)
+        #: a SIMULATED message-adding attack (``attack.kind`` in MESSAGE_ADDING_KINDS): the adversary's
+        #: messages join each aggregation ahead of the robust rule; None otherwise
+        self.attack = Attack(config.attack, len(client_sizes), config.seed, info.num_classes, upload_kind(algorithm),
+                             on_server=True) \
+            if config.attack.enabled and config.attack.kind in MESSAGE_ADDING_KINDS else None
 
     @property
     def state(self) -> ServerState:
@@ -442,6 +457,9 @@ class ServerCore:
             agg = RobustAggregator(agg, self.state, self.cfg.aggregation, kind=upload_kind(self.algorithm),
                                    keys=self.roles.names(Role.SHARED),
                                    rng=np.random.default_rng([self.cfg.seed % 2**63, round, self._steps, 0xB0C]))
+        if self.attack is not None:  # outside the robust rule: the added messages reach it like honest ones
+            agg = AddedMessages(agg, self.attack, self.state, keys=self.roles.names(Role.SHARED), round=round,
+                                step=self._steps)
         n = 0
         rejected: list[ClientFailure] = []
         for upd in updates:
