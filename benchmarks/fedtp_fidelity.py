@@ -7,15 +7,16 @@ Setup (the same for every method; partition, model init and sampled clients fixe
 scikit-learn digits (bundled), 20 clients, either pathological label skew (2 classes per client)
 or Dirichlet(0.3); a small ViT (8x8 images, patch 2, hidden 32, 2 layers, 4 heads); 20 rounds,
 half the clients per round; local training Adam lr 3e-3, 2 epochs, batch 16; every method with its
-registered defaults. The figure is the per-client mean test accuracy after the last round
+registered defaults. The script prints the budget it actually ran (``--set rounds=50`` shows), read
+from the resolved configs. The figure is the per-client mean test accuracy after the last round
 (each client's personalized model on its own test split), mean +- std over seeds.
 
 Usage::
 
     .venv/bin/python benchmarks/fedtp_fidelity.py                # 3 seeds, 2 partitions, ~6-8 min on 2 cores
     .venv/bin/python benchmarks/fedtp_fidelity.py --seeds 0 1 2 3 4 --workers 2
-    .venv/bin/python benchmarks/fedtp_fidelity.py --set algorithm.hypernet_optimizer=sgd \
-        --set algorithm.hypernet_lr=0.01 --methods fedtp            # the paper's hypernetwork SGD
+    .venv/bin/python benchmarks/fedtp_fidelity.py --set algorithm.preset=paper \
+        --methods fedtp                                             # the paper's hypernetwork SGD
 """
 
 from __future__ import annotations
@@ -45,18 +46,34 @@ BASE = {
 }
 
 
+def make_config(partition: str, method: str, seed: int, extra: list[str]):
+    """The resolved config of one run (``algorithm.*`` overrides apply to fedtp only)."""
+    from rayfed.config import apply_overrides, from_dict
+
+    sets = [f"seed={seed}", f"algorithm.name={method}", *PARTITIONS[partition]]
+    sets += [s for s in extra if not s.startswith("algorithm.") or method == "fedtp"]
+    return from_dict(apply_overrides(BASE, sets))
+
+
+def budget(cfg) -> str:
+    """The budget a run actually has, read from its resolved config (so ``--set`` shows)."""
+    d, t, m = cfg.data, cfg.train, cfg.model
+    per_round = cfg.sample_count or max(1, round(cfg.sample_fraction * d.num_clients))
+    return (f"{d.source}, {d.num_clients} clients, {cfg.rounds} rounds, {per_round} clients/round, local "
+            f"{t.optimizer} lr {t.lr} x {t.local_epochs} epoch(s) batch {t.batch_size}"
+            + (f" max {t.max_steps} steps" if t.max_steps else "")
+            + f", {m.name} hidden {m.hidden_size} x {m.num_layers} layers")
+
+
 def run_one(job: tuple[str, str, int, list[str]]) -> dict:
     """One federation; returns its final summary figures."""
     import torch
 
     from rayfed import Federation
-    from rayfed.config import apply_overrides, from_dict
 
     torch.set_num_threads(1)
     partition, method, seed, extra = job
-    sets = [f"seed={seed}", f"algorithm.name={method}", *PARTITIONS[partition]]
-    sets += [s for s in extra if not s.startswith("algorithm.") or method == "fedtp"]
-    cfg = from_dict(apply_overrides(BASE, sets))
+    cfg = make_config(partition, method, seed, extra)
     t0 = time.perf_counter()
     res = Federation(cfg, run_dir=False).fit()
     s = res.summary
@@ -81,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(pool.map(run_one, jobs))
     wall = time.perf_counter() - t0
 
-    print(f"digits, 20 clients, 20 rounds, 10 clients/round, small ViT; seeds {args.seeds}; "
-          f"{len(jobs)} runs in {wall:.0f} s ({args.workers} workers)")
+    budgets = sorted({budget(make_config(*job)) for job in jobs})  # one line unless overrides differ by method
+    for line in budgets:
+        print(f"budget: {line}")
+    print(f"seeds {args.seeds}; {len(jobs)} runs in {wall:.0f} s ({args.workers} workers)")
     if args.set:
         print("overrides:", " ".join(args.set))
     print(f"{'partition':<17} {'method':<15} {'client-mean acc':>18} {'weighted acc':>15} {'p10 acc':>15}"

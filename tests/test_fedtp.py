@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -63,16 +65,18 @@ def _update(cid: int, n: int, shared, gen: dict) -> ClientUpdate:
 
 
 def test_head_bias_step_is_minus_lr_times_weighted_mean_delta():
-    """Hand-checkable: with plain SGD the last bias moves by -lr * sum_i (n_i / n) (gen_i - trained_i)."""
+    """Hand-checkable: with plain SGD the last bias moves by -lr * sum_i (n_i / n) (gen_i - trained_i).
+
+    Clients upload delta_i = received_i - trained_i (FedTP.upload), so the update is against the
+    generation each client trained from."""
     torch.manual_seed(0)
     hn = HyperNetwork(3, TARGETS[:1], embedding_dim=2, hidden=3, layers=0)
     cfg = FedTPConfig(hypernet_optimizer="sgd", hypernet_lr=0.5, hypernet_momentum=0.0, hypernet_weight_decay=0.0)
-    gen = {c: hn(torch.tensor([i]))["a.q.weight"][0].detach().numpy() for i, c in enumerate((10, 11, 12))}
-    trained = {10: gen[10] + 1.0, 12: gen[12] - 2.0}  # delta = gen - trained: -1 everywhere, +2 everywhere
+    delta = {10: -np.ones((2, 3), np.float32), 12: np.full((2, 3), 2.0, np.float32)}  # trained gen+1, gen-2
     bias0 = hn.heads[0].out.bias.detach().clone()
     agg = FedTPAggregator(_state(hn), cfg)
-    agg.add(_update(10, 3, [1, 2], {"a.q.weight": trained[10]}))
-    agg.add(_update(12, 1, [5, 6], {"a.q.weight": trained[12]}))
+    agg.add(_update(10, 3, [1, 2], {"a.q.weight": delta[10]}))
+    agg.add(_update(12, 1, [5, 6], {"a.q.weight": delta[12]}))
     new = agg.finish()
     # weighted mean delta = (3 * -1 + 1 * 2) / 4 = -0.25, so the bias rises by 0.5 * 0.25
     torch.testing.assert_close(hn.heads[0].out.bias.detach(), bias0 + 0.125)
@@ -109,7 +113,9 @@ def test_hypernetwork_steps_equal_direct_autograd(head):
                 p -= lr * b
         agg = FedTPAggregator(state, cfg)
         for c, n in sizes.items():
-            agg.add(_update(c, n, [0, 0], trained[c]))
+            with torch.no_grad():  # what the client received this round, minus what it trained
+                received = hn(torch.tensor([state.extra[CLIENT_INDEX][c]]))
+            agg.add(_update(c, n, [0, 0], {k: received[k][0].numpy() - v for k, v in trained[c].items()}))
         state = agg.finish()
         for (name, p), q in zip(hn.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -320,7 +326,7 @@ def test_seed_determinism_one_and_two_actors_and_metrics_file(ray_cluster, tmp_p
     table = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert set(table["round"]) == {1, 2, 3} and set(table.algorithm) == {"fedtp"}
     acc = table[(table.client_id == -1) & (table.metric == "accuracy_mean")]
-    assert len(acc) == 1 and acc.value.between(0, 1).all()
+    assert len(acc) == 1 and acc.value.item() == pytest.approx(two.summary["accuracy_mean"])  # the file = the result
     assert (table.metric == "server_hypernet_seconds").sum() == 3
 
 
@@ -394,3 +400,121 @@ def test_evaluation_in_payload_sized_waves_gives_the_same_results(ray_cluster, m
     assert sizes and all(w == [1] * n for n, w in sizes)  # one client's payload per call
     assert sum(n for n, _ in sizes) == 2 * 6  # every client of both evaluations
     pd.testing.assert_frame_equal(_frame(whole), _frame(waves))
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's settings and the official ViT
+# ---------------------------------------------------------------------------------------------
+
+
+def test_paper_preset_sets_the_official_hypernetwork_and_explicit_keys_win():
+    cfg = small_config(algorithm__name="fedtp", algorithm__preset="paper").algorithm
+    assert (cfg.hypernet_optimizer, cfg.hypernet_lr, cfg.hypernet_momentum, cfg.hypernet_weight_decay) == \
+        ("sgd", 0.01, 0.9, 1e-3)
+    assert (cfg.embedding_dim, cfg.hypernet_hidden, cfg.hypernet_layers, cfg.head, cfg.head_init) == \
+        (128, 150, 3, "full", "default")
+    plain = small_config(algorithm__name="fedtp").algorithm
+    assert (plain.hypernet_optimizer, plain.hypernet_lr) == ("adam", 3e-3)  # the preset is what changed them
+    own = small_config(algorithm__name="fedtp", algorithm__preset="paper", algorithm__hypernet_lr=0.05,
+                       algorithm__embedding_dim=16).algorithm
+    assert (own.hypernet_lr, own.embedding_dim, own.hypernet_optimizer) == (0.05, 16, "sgd")
+    from rayfed.config import from_dict, to_dict
+
+    assert from_dict(to_dict(small_config(algorithm__name="fedtp", algorithm__preset="paper"))).algorithm == cfg
+    with pytest.raises(ConfigError, match="algorithm.preset"):
+        small_config(algorithm__name="fedtp", algorithm__preset="official")
+
+
+def test_paper_config_file_and_function_restore_the_official_training_keys(tmp_path):
+    import rayfed
+    from rayfed.algorithms.fedtp import paper_config
+    from rayfed.config import load_config
+
+    path = Path(rayfed.__file__).parent / "configs" / "fedtp_paper.yaml"
+    as_file = load_config(path)  # what `rayfed run rayfed/configs/fedtp_paper.yaml` runs
+    t = as_file.train
+    assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.batch_size, t.local_epochs) == \
+        ("sgd", 0.01, 0.9, 1e-5, 64, 1)
+    assert as_file.sample_fraction == 0.1 and as_file.sample_count is None
+    assert as_file.algorithm == small_config(algorithm__name="fedtp", algorithm__preset="paper").algorithm
+    # over a user's own config: its data and FedTP options stay, the paper's keys replace its training keys
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data: {source: digits, num_clients: 30}\nsample_count: 5\ntrain: {lr: 0.5, max_steps: 3}\n"
+                    "algorithm: {name: fedtp, attention_patterns: {q: 'to_qkv$'}}\n")
+    cfg = paper_config(mine, ["rounds=7"])
+    assert cfg.data.num_clients == 30 and cfg.rounds == 7 and cfg.sample_count is None
+    assert cfg.train.lr == 0.01 and cfg.train.max_steps is None
+    assert cfg.algorithm.attention_patterns == {"q": "to_qkv$"} and cfg.algorithm.hypernet_optimizer == "sgd"
+    assert paper_config({"algorithm": {"name": "fedper"}}).algorithm.name == "fedtp"
+
+
+def _official_vit():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import fedtp_vit
+
+    return fedtp_vit
+
+
+def test_official_vit_factory_has_the_official_fused_qkv_and_fedtp_generates_it():
+    ex = _official_vit()
+    info = DatasetInfo(4, (1, 4, 4), "image")
+    factory = functools.partial(ex.official_vit, patch_size=2, dim=8, depth=2, heads=2, dim_head=4, mlp_dim=16)
+    model = factory(info)
+    sd = model.state_dict()
+    assert tuple(sd["transformer.layers.1.0.fn.to_qkv.weight"].shape) == (3 * 2 * 4, 8)
+    assert "transformer.layers.1.0.fn.to_qkv.bias" not in sd  # bias-free, as the official code
+    assert model(torch.zeros(3, 1, 4, 4)).shape == (3, 4)
+    cfg = vit_config(rounds=1, sample_count=3, algorithm__attention_patterns=ex.ATTENTION_PATTERNS)
+    roles = create(cfg.algorithm).roles(model)
+    assert roles.names(Role.GENERATED) == [f"transformer.layers.{d}.0.fn.to_qkv.weight" for d in range(2)]
+    res = Federation(cfg, model_factory=factory, run_dir=False).fit()
+    hn = res.server_state.extra[HYPERNET]
+    assert hn.names == roles.names(Role.GENERATED) and [len(h.targets) for h in hn.heads] == [1, 1]
+    assert not set(hn.names) & set(res.server_state.weights)  # generated, never averaged
+
+
+# ---------------------------------------------------------------------------------------------
+# asynchronous FedTP
+# ---------------------------------------------------------------------------------------------
+
+
+class _RecordingTrained(FedTP):
+    """FedTP that keeps each client's generated tensors after local training (local executor only)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.trained: dict[int, dict[str, np.ndarray]] = {}
+
+    def local_update(self, ctx):
+        tensors, metrics = super().local_update(ctx)
+        sd = ctx.model.state_dict()
+        self.trained[ctx.client_id] = {k: sd[k].detach().numpy().copy() for k in ctx.roles.names(Role.GENERATED)}
+        return tensors, metrics
+
+
+def test_async_fedtp_steps_the_hypernetwork_from_the_generation_the_client_trained_on():
+    """A stale update moves the hypernetwork by -lr * step_scale * (received - trained) through the head
+    bias (d generation / d bias = I): not by the current generation's difference, and scaled."""
+    lr = 0.1
+    cfg = vit_config(rounds=1, runtime__mode="async", algorithm__hypernet_optimizer="sgd", algorithm__hypernet_lr=lr,
+                     algorithm__hypernet_momentum=0.0, algorithm__hypernet_weight_decay=0.0)
+    alg = _RecordingTrained(cfg.algorithm)
+    ds, ex = _local(cfg, alg)
+    server = ex.server
+    received = server.payloads(0, [0])
+    stale = ex.cohort.train_async(0, 0, server.broadcast(0), received, nonce=0)
+    names = server.state.extra[HYPERNET].names
+    for k in names:  # the client sends what it received minus what it trained
+        np.testing.assert_allclose(stale.tensors[k], received[0][k] - alg.trained[0][k], rtol=0, atol=1e-6)
+    fresh = ex.cohort.train_async(0, 1, server.broadcast(0), server.payloads(0, [1]), nonce=1)
+    server.apply_async(0, [fresh], [1.0])  # the server moves on before client 0's update arrives
+    hn = server.state.extra[HYPERNET]
+    now = server.payloads(0, [0])[0]
+    assert not np.allclose(now[names[0]], received[0][names[0]], atol=1e-4)  # the generation moved
+    bias = [h.out.bias.detach().clone() for h in hn.heads]
+    server.apply_async(0, [stale], [0.5])
+    for h, b in zip(hn.heads, bias):
+        delta = torch.cat([torch.from_numpy(stale.tensors[t.name]).reshape(-1) for t in h.targets])
+        torch.testing.assert_close(h.out.bias.detach(), b - lr * 0.5 * delta, rtol=1e-5, atol=1e-7)

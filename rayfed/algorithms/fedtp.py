@@ -28,19 +28,34 @@ random generation would destroy.
 
 **Round.** ``payloads`` generates the sampled clients' tensors in one batched pass (no autograd
 graph is kept); the client trains *all* weights with the usual ``train`` config; it uploads its
-shared tensors and its trained generated tensors. The aggregator averages the shared tensors
-(never the generated ones) and, as each update arrives, recomputes that client's generation and
-backpropagates ``delta = generated - trained`` into the hypernetwork:
-``grad_phi += n_i (d gen_i / d phi)^T delta_i``; at the end the gradient is divided by the sampled
-clients' total ``n`` (so weights are data fractions), optionally clipped, and one optimizer step
-is taken.
+shared tensors and, for each generated tensor, ``delta = received - trained`` (the official code's
+``delta_theta``; the change is taken against the generation the client trained from, which it
+holds as its payload). The aggregator averages the shared tensors (never the generated ones) and,
+as each update arrives, backpropagates its delta through that client's generation into the
+hypernetwork: ``grad_phi += a_i n_i (d gen_i / d phi)^T delta_i``; at the end the gradient is
+divided by the received clients' total ``n`` (so weights are data fractions), optionally clipped,
+and one optimizer step is taken. ``a_i`` is 1 in synchronous rounds.
+
+**Asynchronous FedTP** (``runtime.mode: async``): a stale update's delta is still the one against
+the generation the client trained from (not the server's current one), and ``a_i`` is the
+update's delay-adaptive step (``step_scale``, ``runtime.asynchronous.staleness_scaling``), the same
+factor the runtime applies to its shared tensors. The Jacobian ``d gen_i / d phi`` is taken at the
+current hypernetwork (the old one is not kept): the usual stale-gradient approximation.
+
+**The paper's settings** (``algorithm.preset: paper``, :data:`PAPER_PRESET`): the official code's
+hypernetwork optimizer and shape; keys set to other values than their defaults win. Its client
+training and sampling (SGD lr 0.01, momentum 0.9, weight decay 1e-5, batch 64, one local epoch,
+10% of the clients per round) are in ``rayfed/configs/fedtp_paper.yaml``, which ``rayfed run``
+takes as is; :func:`paper_config` puts them over any config. The official ViT, with its fused
+bias-free ``to_qkv`` projection, is ``examples/fedtp_vit.py`` (``attention_patterns: {q:
+'to_qkv$'}`` makes FedTP generate the fused weight whole, as the official hypernetwork does).
 
 **Hypernetwork optimizer (a deliberate deviation).** The paper steps the hypernetwork with SGD
-(lr 0.01, momentum 0.9, weight decay 1e-3) over 1,500 rounds; that is ``hypernet_optimizer=sgd
-hypernet_lr=0.01``. In budgets of ~20 rounds it does not personalize: the update of a client's
-generation is about ``lr (1 + |f|^2) (n_i / n) delta_i``, a few percent of its local progress per
-round, and the clients' trunk features start nearly parallel (cosine ~0.8), so the hypernetwork
-acts as one shared attention (digits, 2 classes per client: 0.32 client-mean accuracy, FedAvg
+(lr 0.01, momentum 0.9, weight decay 1e-3) over 1,500 rounds; that is ``preset: paper`` (or
+``hypernet_optimizer=sgd hypernet_lr=0.01``). In budgets of ~20 rounds it does not personalize:
+the update of a client's generation is about ``lr (1 + |f|^2) (n_i / n) delta_i``, a few percent
+of its local progress per round, and the clients' trunk features start nearly parallel (cosine
+~0.8), so the hypernetwork acts as one shared attention (digits, 2 classes per client: 0.32 client-mean accuracy, FedAvg
 0.30); raising the SGD lr makes ``|f|`` and the generated weights grow without bound (lr 0.5:
 ``|f|^2`` 0.6 -> 55 in 10 rounds). AdamW (the default, lr 3e-3, decoupled weight decay 1e-3)
 moves the embeddings and heads at a scale-free rate and reaches 0.98 there.
@@ -57,8 +72,8 @@ but each client keeps its own Q/K/V in its actor's state (no hypernetwork).
 
 Open details (our reading, configurable): "3 hidden layers" is read as the official code's
 ``n_hidden=3`` (four Linear layers in the trunk). The shared tensors and the hypernetwork see the
-same sampled clients; the generation is recomputed per client at aggregation time (equal to the
-batched payload up to float rounding).
+same sampled clients; the Jacobian is recomputed per client at aggregation time (at the
+hypernetwork the payload came from, in synchronous rounds).
 """
 
 from __future__ import annotations
@@ -67,7 +82,8 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -83,7 +99,7 @@ from rayfed.algorithms.base import (
     ServerState,
     to_numpy,
 )
-from rayfed.config import AlgorithmConfig, TrainConfig, require
+from rayfed.config import AlgorithmConfig, FederationConfig, TrainConfig, require
 from rayfed.data.info import ClientData, DatasetInfo
 from rayfed.errors import ConfigError
 from rayfed.roles import SERVER_HELD, Role, RoleMap
@@ -95,9 +111,12 @@ __all__ = [
     "GenerationTarget",
     "HyperNetwork",
     "NewClientFit",
+    "PAPER_CONFIG",
+    "PAPER_PRESET",
     "PersonalizedT",
     "PersonalizedTConfig",
     "generation_targets",
+    "paper_config",
     "personalize_new_client",
 ]
 
@@ -121,11 +140,38 @@ def _check_patterns(patterns: Optional[dict[str, str]], key: str) -> None:
                           f"module names, got {patterns!r}; e.g. {{q: 'attn\\.wq$', k: 'attn\\.wk$', v: 'attn\\.wv$'}}")
 
 
+#: ``algorithm.preset: paper``: the algorithm keys the official code (zhyczy/FedTP, ``main.py``) sets.
+#: Its train and sampling keys are in ``rayfed/configs/fedtp_paper.yaml`` (see :data:`PAPER_CONFIG`).
+PAPER_PRESET: dict[str, Any] = {
+    "hypernet_optimizer": "sgd",     # torch.optim.SGD(hnet.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-3)
+    "hypernet_lr": 0.01,             # args.lr, default and every script: 0.01
+    "hypernet_momentum": 0.9,
+    "hypernet_weight_decay": 1e-3,
+    "hypernet_grad_clip": None,      # no clipping
+    "embedding_dim": 128,            # --client_embed_size
+    "hypernet_hidden": 150,          # --hyper_hid
+    "hypernet_layers": 3,            # --n-hidden
+    "head": "full",                  # one Linear(hidden, numel) per layer
+    "head_init": "default",          # PyTorch's nn.Linear initialisation
+    "generate_bias": False,          # the official ViT's fused to_qkv has no bias
+    "server_lr": 1.0,                # plain FedAvg of the shared tensors, weighted by samples
+    "server_momentum": 0.0,
+}
+
+#: the config file holding the paper's train and sampling keys (``rayfed run`` takes it as is)
+PAPER_CONFIG = "fedtp_paper.yaml"
+
+
 @dataclass
 class FedTPConfig(AlgorithmConfig):
     """FedTP options (defaults: the paper's hypernetwork shape; see the module docstring)."""
 
     name: str = "fedtp"
+    preset: Optional[Literal["paper"]] = field(default=None, metadata={
+        "help": "paper: the official code's hypernetwork settings (SGD lr 0.01, momentum 0.9, weight decay 1e-3; "
+                "embedding 128, trunk 150 x 3, full heads, PyTorch init), applied to every key left at its "
+                "default (a key set to another value wins); its train/sampling keys are in "
+                "rayfed/configs/fedtp_paper.yaml"})
     embedding_dim: int = field(default=128, metadata={"help": "client embedding size"})
     hypernet_hidden: int = field(default=150, metadata={"help": "width of the hypernetwork's MLP trunk"})
     hypernet_layers: int = field(default=3, metadata={
@@ -165,6 +211,14 @@ class FedTPConfig(AlgorithmConfig):
     server_momentum: float = field(default=0.0, metadata={"help": "server momentum on the shared tensors"})
 
     def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset != "paper":
+                raise ConfigError(f"config key 'algorithm.preset': got {self.preset!r}; valid choices: 'paper' or "
+                                  "null")
+            defaults = {f.name: f.default for f in fields(self)}
+            for k, v in PAPER_PRESET.items():
+                if getattr(self, k) == defaults[k]:  # a key given another value than its default wins
+                    setattr(self, k, v)
         require(self.payload_batch >= 1, "algorithm.payload_batch", self.payload_batch, "an integer >= 1")
         require(self.embedding_dim >= 1, "algorithm.embedding_dim", self.embedding_dim, "an integer >= 1")
         require(self.hypernet_hidden >= 1, "algorithm.hypernet_hidden", self.hypernet_hidden, "an integer >= 1")
@@ -411,7 +465,9 @@ class FedTPAggregator:
     """Streaming FedTP aggregation: shared tensors averaged; generated tensors -> hypernetwork grads.
 
     Each :meth:`add` recomputes the client's generation with autograd and accumulates
-    ``n_i (d gen_i / d phi)^T (gen_i - trained_i)`` into the hypernetwork's ``.grad``;
+    ``a_i n_i (d gen_i / d phi)^T delta_i`` into the hypernetwork's ``.grad``, where the upload's
+    ``delta_i = received_i - trained_i`` (:meth:`FedTP.upload`) and ``a_i`` is its ``step_scale``
+    metric (the asynchronous delay-adaptive step; 1 when absent);
     :meth:`finish` divides by the total ``n`` of the received updates, clips if asked, and takes
     one optimizer step, in place on the hypernetwork held in ``state.extra``. Memory is
     O(hypernetwork + model) whatever the number of clients.
@@ -443,10 +499,14 @@ class FedTPAggregator:
                              f"{sorted(missing)[:3]}")
         t0 = time.perf_counter()
         w = float(update.num_samples)
+        # the delayed-update step of asynchronous runs (1 in synchronous rounds), as for the shared tensors
+        scale = float(update.metrics.get("step_scale", 1.0))
         with torch.enable_grad():
             out = self.hypernet(torch.tensor([self.index[update.client_id]]))
             outs = [out[k][0] for k in self.hypernet.names]
-            deltas = [w * (o.detach() - torch.tensor(np.asarray(gen[k]), dtype=o.dtype))
+            # the upload is already delta = received - trained (see FedTP.upload): the generation the
+            # client trained from, not the current one, which has moved on when the update is stale
+            deltas = [(w * scale) * torch.tensor(np.asarray(gen[k]), dtype=o.dtype)
                       for o, k in zip(outs, self.hypernet.names)]
             torch.autograd.backward(outs, deltas)
         self.total += w
@@ -551,12 +611,26 @@ class FedTP(Algorithm):
         return FedTPAggregator(state, self.config)
 
     def upload(self, ctx: ClientContext) -> dict[str, np.ndarray]:
-        """Shared tensors plus this client's trained generated tensors (consumed by the hypernetwork)."""
+        """The shared tensors, and for each generated tensor its change ``received - trained``.
+
+        The change is taken against the generation this client received (``ctx.payload``), which
+        is what the hypernetwork's update needs (the official code's ``delta_theta``); in an
+        asynchronous run the server's generation has moved on by the time the update arrives.
+        """
         sd = ctx.model.state_dict()
-        return {k: to_numpy(sd[k]) for k in self.upload_keys(ctx.model, ctx.roles)}
+        generated = set(ctx.roles.names(Role.GENERATED))
+        missing = sorted(generated - set(ctx.payload))
+        if missing:
+            raise RuntimeError(f"client {ctx.client_id} trained without its generated tensors {missing[:3]}; the "
+                               "server's payload must hold every generated tensor")
+        out = {}
+        for k in self.upload_keys(ctx.model, ctx.roles):
+            t = to_numpy(sd[k])
+            out[k] = np.asarray(ctx.payload[k], dtype=t.dtype) - t if k in generated else t
+        return out
 
     def upload_keys(self, model: nn.Module, roles: RoleMap) -> list[str]:
-        """The server-held tensors and the trained generated ones."""
+        """The server-held tensors and the generated ones (sent as their change, see :meth:`upload`)."""
         return roles.names(*SERVER_HELD, Role.GENERATED)
 
     # -- clients kept out of training ----------------------------------------------------------
@@ -590,6 +664,38 @@ class PersonalizedT(Algorithm):
         cfg = self.config
         return [*super().role_rules(),
                 (lambda m: _attention_names(m, cfg.attention_patterns, cfg.private_bias), Role.PRIVATE)]
+
+
+def paper_config(base: Union[str, Mapping[str, Any], None] = None,
+                 overrides: Optional[Sequence[str]] = None) -> FederationConfig:
+    """A FedTP run with the official code's settings over ``base``'s data, model and runtime.
+
+    The keys of ``rayfed/configs/fedtp_paper.yaml`` (the ``paper`` preset of the hypernetwork, the
+    clients' SGD, batch 64, one local epoch, 10% of the clients per round) replace those of
+    ``base`` (FedTP options of ``base`` that the paper does not set, such as
+    ``attention_patterns``, are kept); ``overrides`` (``a.b=value``, as ``--set``) apply last.
+
+    Args:
+        base: a YAML path or a config mapping (data, model, runtime...); None = the defaults.
+        overrides: ``--set``-style overrides applied after the paper's keys.
+
+    Example:
+        >>> cfg = paper_config({"data": {"source": "digits", "num_clients": 20}}, ["rounds=50"])
+        >>> cfg.algorithm.hypernet_optimizer, cfg.train.weight_decay, cfg.sample_fraction, cfg.rounds
+        ('sgd', 1e-05, 0.1, 50)
+    """
+    from importlib import resources
+
+    from rayfed.config import apply_overrides, from_dict, read_config_file
+
+    data = read_config_file(base) if isinstance(base, (str, Path)) else copy.deepcopy(dict(base or {}))
+    paper = read_config_file(Path(str(resources.files("rayfed") / "configs" / PAPER_CONFIG)))
+    if isinstance(data.get("algorithm"), dict) and data["algorithm"].get("name", "fedtp") != "fedtp":
+        del data["algorithm"]  # another method's options do not apply to FedTP
+    for key, value in paper.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) \
+            else copy.deepcopy(value)
+    return from_dict(apply_overrides(data, list(overrides or [])))
 
 
 # ---------------------------------------------------------------------------------------------
