@@ -159,13 +159,31 @@ def test_local_steps_send_the_difference_of_k_sgd_steps():
 
 
 def test_reinit_private_restarts_every_round():
-    cfg = pl_config(algorithm={"tau": 0, "reinit_private": True})
+    cfg = pl_config(algorithm={"tau": 0, "reinit_private": True})  # the option's old form: initial
+    assert cfg.algorithm.reinit_private == "initial"
     alg, ctx = _context(cfg)
     init = {k: v.clone() for k, v in ctx.state.private.items()}
     with torch.no_grad():
         ctx.model.head.weight.add_(1.0)  # as if loaded from a drifted state
     alg.local_update(ctx)
     torch.testing.assert_close(ctx.model.head.weight.detach(), init["head.weight"])
+    assert pl_config(algorithm={"reinit_private": False}).algorithm.reinit_private == "none"
+
+
+def test_reinit_private_normal_redraws_from_a_standard_normal_each_round():
+    """The authors' notebooks draw w ~ N(0, I) before the tau inner steps of every round."""
+    cfg = pl_config(algorithm={"tau": 0, "reinit_private": "normal"})
+    alg, ctx = _context(cfg)
+    draws = []
+    for seed in (0, 1):
+        ctx.generator = torch.Generator().manual_seed(seed)
+        alg.local_update(ctx)
+        draws.append(torch.cat([ctx.model.head.weight.detach().reshape(-1), ctx.model.head.bias.detach()]))
+        expected = torch.randn(ctx.model.head.weight.shape, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(ctx.model.head.weight.detach(), expected)  # tau = 0: the draw itself
+    assert not torch.equal(draws[0], draws[1])  # fresh each round
+    with pytest.raises(ConfigError, match="algorithm.reinit_private"):
+        pl_config(algorithm={"reinit_private": "uniform"})
 
 
 # -- the server step --------------------------------------------------------------------------------
@@ -231,14 +249,23 @@ def test_ffgg_on_classification_with_a_transformer_split():
         "output": {"plots": False, "progress": False, "save_final": False}})
     res = Federation(cfg, run_dir=False).fit()
     assert not any(k.startswith("classifier") for k in res.server_received)
-    assert 0.0 <= res.summary["accuracy_mean"] <= 1.0
+    # 2 classes per client: the private, fine-tuned head lifts each client from FedAvg's ~1/10 to ~1/2
+    # after 2 rounds (measured, seeds 0-2: FFGG 0.497-0.501, FedAvg 0.099-0.101)
+    fedavg = Federation(cfg.with_algorithm("fedavg"), run_dir=False).fit()
+    assert res.summary["accuracy_mean"] > fedavg.summary["accuracy_mean"] + 0.3
 
 
 def test_regression_outputs_tolerate_missing_accuracy(tmp_path):
     cfg = pl_config(rounds=2, output={"plots": True, "save_final": False})
     res = Federation(cfg, run_dir=tmp_path / "run").fit()
-    assert "accuracy_mean" not in res.summary and res.summary["test_loss"] >= 0
-    assert {"test_loss_mean", "test_loss_max"} <= set(res.summary)
+    assert "accuracy_mean" not in res.summary
+    m = res.metrics
+    ev = m[(m.stage == "eval") & (m.client_id >= 0) & (m["round"] == 2)].pivot_table(
+        index="client_id", columns="metric", values="value")
+    # the headline loss is the sample-weighted mean of the clients' test MSEs; the others their mean and max
+    assert res.summary["test_loss"] == pytest.approx(float(np.average(ev.loss, weights=ev.num_test)))
+    assert res.summary["test_loss_mean"] == pytest.approx(float(ev.loss.mean()))
+    assert res.summary["test_loss_max"] == pytest.approx(float(ev.loss.max()))
     assert (tmp_path / "run" / "accuracy.png").exists() and (tmp_path / "run" / "metrics.parquet").exists()
     from rayfed.cli import _table
 

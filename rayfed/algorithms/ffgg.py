@@ -7,13 +7,18 @@ The parameters are split into shared ``x`` and private ``y_i`` (``algorithm.priv
 classifier head by default; any selectors of :func:`rayfed.roles.select`). In each round a sampled
 client
 
-1. fine-tunes only ``y_i`` for ``tau`` steps with ``x`` frozen (warm-started from its stored
-   ``y_i``, or re-initialised each round with ``reinit_private``, as in the authors' synthetic
-   experiments), then
+1. fine-tunes only ``y_i`` for ``tau`` steps with ``x`` frozen, starting from (``reinit_private``):
+   ``none``, its stored ``y_i`` (warm start, the default); ``initial``, the model's initial ``y_i``
+   every round; or ``normal``, a fresh draw from N(0, I) every round, which is what the authors'
+   synthetic notebooks do (``w = rng.normal(size=d_w)`` before the ``tau`` inner steps;
+   Rustem-Islamov/FL_representations). ``true``/``false`` are still accepted for ``initial``/``none``.
 2. sends the gradient of its loss with respect to ``x`` at the fine-tuned ``y_i`` (on
-   ``grad_batches`` mini-batches, or its whole training split), or, with ``local_steps = K > 1``,
-   takes ``K`` steps on ``x`` and sends ``x - x_K`` (a pseudo-gradient: with ``server_lr = 1`` and
-   the plain SGD server this is FedAvg on the shared part).
+   ``grad_batches`` mini-batches, or its whole training split): the paper's method.
+
+**``local_steps = K > 1`` is this project's reading of a multi-step variant**, not an algorithm of
+the paper: the client takes ``K`` steps on ``x`` (``train.optimizer``, lr ``shared_lr``) and sends
+``x - x_K`` as a pseudo-gradient; with ``server_lr = 1`` and the plain SGD server this is FedAvg on
+the shared part after the private fine-tuning.
 
 The server averages the (pseudo-)gradients and steps ``x`` with its own optimizer (SGD with
 momentum or Adam, state in ``ServerState.extra["server_opt"]``). ``y_i`` never leaves the client.
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -55,12 +60,14 @@ class FFGGConfig(AlgorithmConfig):
                                                   "before the shared gradient; 0 = none"})
     inner_lr: Optional[float] = field(default=None, metadata={
         "help": "learning rate of the private fine-tuning (default train.lr; optimizer train.optimizer)"})
-    reinit_private: bool = field(default=False, metadata={
-        "help": "re-initialise the private tensors every round (the authors' synthetic experiments) instead of "
-                "warm-starting from the client's stored ones"})
+    reinit_private: Union[Literal["none", "initial", "normal"], bool] = field(default="none", metadata={
+        "help": "where each round's private fine-tuning starts: none = the client's stored tensors (warm start); "
+                "initial = the model's initial values; normal = a fresh N(0, I) draw, as the authors' synthetic "
+                "notebooks do (true/false = initial/none)"})
     local_steps: int = field(default=1, metadata={
-        "help": "K: 1 = send the gradient w.r.t. the shared tensors; K > 1 = take K steps on them "
-                "(train.optimizer, lr shared_lr) and send x - x_K"})
+        "help": "K: 1 = send the gradient w.r.t. the shared tensors (the paper's FFGG); K > 1 = this project's "
+                "reading of a multi-step variant: take K steps on them (train.optimizer, lr shared_lr) and "
+                "send x - x_K"})
     shared_lr: Optional[float] = field(default=None, metadata={
         "help": "learning rate of the K local steps on the shared tensors (default train.lr)"})
     grad_batches: Optional[int] = field(default=1, metadata={
@@ -77,6 +84,10 @@ class FFGGConfig(AlgorithmConfig):
         "help": "mean of client gradients: uniform (the paper's objective, mean over clients) or by sample count"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.reinit_private, bool):  # the option's old form
+            self.reinit_private = "initial" if self.reinit_private else "none"
+        require(self.reinit_private in ("none", "initial", "normal"), "algorithm.reinit_private",
+                self.reinit_private, "one of none, initial, normal")
         if not self.private:
             raise ConfigError("config key 'algorithm.private': ffgg needs at least one private selector, got []; "
                               "e.g. ['preset:head'] (or use algorithm.name=fedavg)")
@@ -156,7 +167,7 @@ class FFGG(Algorithm):
 
     def init_client(self, client_id: int, model: torch.nn.Module, roles: RoleMap) -> ClientState:
         state = super().init_client(client_id, model, roles)
-        if self.config.reinit_private:  # the starting point every round goes back to
+        if self.config.reinit_private == "initial":  # the starting point every round goes back to
             state.extra["private_init"] = {k: v.clone() for k, v in state.private.items()}
         return state
 
@@ -174,11 +185,15 @@ class FFGG(Algorithm):
         cfg, model, d = self.config, ctx.model, ctx.data
         private = ctx.roles.names(Role.PRIVATE)
         shared = self.upload_keys(model, ctx.roles)
-        if cfg.reinit_private:
+        if cfg.reinit_private != "none":
             sd = model.state_dict()
             with torch.no_grad():
-                for k, v in ctx.state.extra.get("private_init", {}).items():
-                    sd[k].copy_(v)
+                if cfg.reinit_private == "initial":
+                    for k, v in ctx.state.extra.get("private_init", {}).items():
+                        sd[k].copy_(v)
+                else:  # N(0, I) from the client's seeded generator: reproducible, fresh every round
+                    for k in private:
+                        sd[k].copy_(torch.randn(sd[k].shape, generator=ctx.generator, dtype=sd[k].dtype))
         metrics: dict[str, float] = {}
         if cfg.tau:
             ft = train_epochs(model, private, d.x_train, d.y_train, ctx.train, generator=ctx.generator,
