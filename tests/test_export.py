@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import small_config
@@ -22,7 +23,7 @@ def _recorded(result, cid: int) -> float:
     return float(ev.sort_values("round").value.iloc[-1])
 
 
-@pytest.mark.parametrize("algorithm", ["fedper", "fedtp"])
+@pytest.mark.parametrize("algorithm", ["fedper", "fedtp", "fedspa"])
 def test_exported_hf_folders_reload_to_each_clients_recorded_accuracy(algorithm, tmp_path):
     from transformers import AutoModelForImageClassification
 
@@ -40,7 +41,11 @@ def test_exported_hf_folders_reload_to_each_clients_recorded_accuracy(algorithm,
     a = AutoModelForImageClassification.from_pretrained(str(paths[0])).state_dict()
     b = AutoModelForImageClassification.from_pretrained(str(paths[4])).state_dict()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
-    assert differing and all(("classifier" in k) if algorithm == "fedper" else ("_proj" in k) for k in differing)
+    owned = {"fedper": lambda k: "classifier" in k, "fedtp": lambda k: "_proj" in k, "fedspa": lambda k: True}
+    assert differing and all(owned[algorithm](k) for k in differing)
+    if algorithm == "fedspa":  # each client's own sparse model: its mask's zeros are in the exported weights
+        sparse = [k for k in a if a[k].dim() >= 2 and not torch.equal(a[k] == 0, b[k] == 0)]
+        assert sparse
 
 
 def test_cli_export_and_its_errors(tmp_path, capsys):
@@ -99,3 +104,22 @@ def test_a_lora_run_exports_adapter_folders_offline(minilm_path, tmp_path):
     model = peft.PeftModel.from_pretrained(base, str(paths[2]))
     data = ds.client_data(2)
     assert evaluate(model, data.x_test, data.y_test, device=torch.device("cpu"))["accuracy"] == _recorded(result, 2)
+
+
+def test_a_shallow_clients_export_holds_only_its_blocks(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    cfg = small_config(algorithm__name="fedper", data__tiers={1: 0.5, 2: 0.5}, **{**VIT, "model__num_layers": 2})
+    result = Federation(cfg, run_dir=tmp_path / "run").fit()
+    paths = result.export(tmp_path / "out")
+    ds = FederatedDataset.from_config(cfg.data, cfg.seed)
+    depths = {}
+    for cid, folder in paths.items():
+        model = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True)
+        depths[cid] = model.config.num_hidden_layers
+        data = ds.client_data(cid)
+        assert evaluate(model, data.x_test, data.y_test, device=torch.device("cpu"))["accuracy"] == \
+            _recorded(result, cid)
+    assert sorted(depths.values()) == [1, 1, 1, 2, 2, 2]
+    tiers = pd.read_csv(tmp_path / "run" / "clients.csv").set_index("client_id")["tier"]
+    assert depths == {int(c): int(t) for c, t in tiers.items()}  # each export is cut to the client's own tier
