@@ -477,7 +477,8 @@ class FedTPAggregator:
         self.state = state
         self.cfg = config
         self.shared = MeanAggregator(state, server_lr=config.server_lr, server_momentum=config.server_momentum)
-        self.hypernet: HyperNetwork = state.extra[HYPERNET]
+        self.device = torch.device(state.device)  # runtime.server_device
+        self.hypernet: HyperNetwork = state.extra[HYPERNET].to(self.device)
         self.names = set(self.hypernet.names)
         self.index: dict[int, int] = state.extra[CLIENT_INDEX]
         self.total = 0.0
@@ -502,11 +503,11 @@ class FedTPAggregator:
         # the delayed-update step of asynchronous runs (1 in synchronous rounds), as for the shared tensors
         scale = float(update.metrics.get("step_scale", 1.0))
         with torch.enable_grad():
-            out = self.hypernet(torch.tensor([self.index[update.client_id]]))
+            out = self.hypernet(torch.tensor([self.index[update.client_id]], device=self.device))
             outs = [out[k][0] for k in self.hypernet.names]
             # the upload is already delta = received - trained (see FedTP.upload): the generation the
             # client trained from, not the current one, which has moved on when the update is stale
-            deltas = [(w * scale) * torch.tensor(np.asarray(gen[k]), dtype=o.dtype)
+            deltas = [(w * scale) * torch.tensor(np.asarray(gen[k]), dtype=o.dtype, device=o.device)
                       for o, k in zip(outs, self.hypernet.names)]
             torch.autograd.backward(outs, deltas)
         self.total += w
@@ -588,14 +589,14 @@ class FedTP(Algorithm):
 
     def generate(self, state: ServerState, client_ids: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
         """The generated tensors of ``client_ids`` (one batched pass, no autograd graph)."""
-        hn: HyperNetwork = state.extra[HYPERNET]
+        hn: HyperNetwork = state.extra[HYPERNET].to(state.device)  # runtime.server_device
         index = state.extra[CLIENT_INDEX]
         unknown = [c for c in client_ids if c not in index]
         if unknown:
             raise KeyError(f"FedTP has no embedding for client(s) {unknown[:5]}; new clients are personalized "
                            "with rayfed.algorithms.fedtp.personalize_new_client")
         with torch.no_grad():
-            out = hn(torch.tensor([index[c] for c in client_ids], dtype=torch.long))
+            out = hn(torch.tensor([index[c] for c in client_ids], dtype=torch.long, device=state.device))
         return {c: {k: v[i] for k, v in out.items()} for i, c in enumerate(client_ids)}
 
     def payloads(self, state: ServerState, client_ids: list[int], round: int) -> dict[int, dict[str, np.ndarray]]:
@@ -750,6 +751,7 @@ def personalize_new_client(
     batch_size: int = 32,
     init: Literal["mean", "zeros"] = "mean",
     seed: int = 0,
+    device: Union[str, torch.device, None] = None,
 ) -> NewClientFit:
     """Personalize a client that joined after training: fit only its embedding, all else frozen.
 
@@ -767,6 +769,8 @@ def personalize_new_client(
         batch_size: mini-batch size.
         init: ``mean`` of the trained clients' embeddings, or ``zeros``.
         seed: shuffling seed.
+        device: where to fit; default the run's ``runtime.device`` (``auto``: cuda when this process
+            sees a GPU), or cpu for a bare ``ServerState``.
 
     Returns:
         A :class:`NewClientFit` (embedding, generated tensors, metrics).
@@ -788,12 +792,17 @@ def personalize_new_client(
 
         info: DatasetInfo = FederatedDataset.from_config(run_cfg.data, run_cfg.seed).info
         model = build_model(run_cfg.model, info, run_cfg.seed)
-    hn: HyperNetwork = copy.deepcopy(state.extra[HYPERNET]).requires_grad_(False)
+    if device is None:
+        wanted = getattr(getattr(run_cfg, "runtime", None), "device", "cpu")
+        device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+    device = torch.device(device)
+    hn: HyperNetwork = copy.deepcopy(state.extra[HYPERNET]).requires_grad_(False).to(device)
+    model = model.to(device)
     sd = model.state_dict()
     with torch.no_grad():
         for k, v in state.weights.items():
             if k in sd:
-                sd[k].copy_(torch.tensor(np.asarray(v)))
+                sd[k].copy_(torch.tensor(np.asarray(v), device=device))
     model.requires_grad_(False)
     model.eval()  # no dropout: the embedding sees a deterministic model
     fwd = _Forward(model)
@@ -801,14 +810,14 @@ def personalize_new_client(
     table = hn.embeddings.weight.detach()
     trained = sorted(state.extra.get(UPDATES_PER_CLIENT, {}))
     rows = [state.extra[CLIENT_INDEX][c] for c in trained] or list(range(table.shape[0]))
-    start = table[rows].mean(0) if init == "mean" else torch.zeros(table.shape[1])
+    start = table[rows].mean(0) if init == "mean" else torch.zeros(table.shape[1], device=device)
     emb = start.clone().requires_grad_(True)
 
     def logits(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         gen = {f"model.{k}": v[0] for k, v in hn.generate(e[None]).items()}
         return torch.func.functional_call(fwd, gen, (x,), strict=False)
 
-    x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
+    x, y = torch.as_tensor(data.x_train, device=device), torch.as_tensor(data.y_train, device=device)
 
     def train_loss(e: torch.Tensor) -> float:
         with torch.no_grad():
@@ -816,7 +825,7 @@ def personalize_new_client(
 
     before = train_loss(emb)
     opt = torch.optim.Adam([emb], lr=lr)
-    gen_rng = torch.Generator().manual_seed(int(seed))
+    gen_rng = torch.Generator().manual_seed(int(seed))  # shuffles on the host, whatever the device
     steps = math.ceil(epochs * math.ceil(len(y) / batch_size)) if len(y) else 0
     done = 0
     while done < steps:
@@ -839,11 +848,11 @@ def personalize_new_client(
 
     if data.num_test:
         load(start)
-        base = evaluate(model, data.x_test, data.y_test, device=torch.device("cpu"))
+        base = evaluate(model, data.x_test, data.y_test, device=device)
         metrics.update(mean_embedding_accuracy=base["accuracy"], mean_embedding_loss=base["loss"])
     generated = load(emb)
     if data.num_test:
-        metrics.update(evaluate(model, data.x_test, data.y_test, device=torch.device("cpu")))
+        metrics.update(evaluate(model, data.x_test, data.y_test, device=device))
     return NewClientFit(to_numpy(emb), generated, metrics)
 
 

@@ -8,6 +8,7 @@ code.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tempfile
@@ -112,6 +113,18 @@ def _model_source(cfg: FederationConfig, factory):
 def _peft(cfg: FederationConfig):
     """``model.peft`` when set (it applies to a ``model_factory``'s model too)."""
     return cfg.model.peft if cfg.model.peft.enabled else None
+
+
+def _to_host(x: Any) -> Any:
+    if isinstance(x, torch.nn.Module):
+        return copy.deepcopy(x).to("cpu")
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu")
+    if isinstance(x, dict):
+        return {k: _to_host(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_host(v) for v in x)
+    return x
 
 
 def _pick_device(requested: str | None, *, key: str = "runtime.device", gpus: str = "runtime.num_gpus_per_actor",
@@ -430,6 +443,15 @@ class ServerCore:
     def state(self, value: ServerState) -> None:
         value.device = str(self.device)
         self._state = value
+
+    def host_state(self) -> ServerState:
+        """The state with every torch module and tensor in it copied to the CPU (for a process
+        without this server's GPU); the state itself when the server runs on the CPU.
+        """
+        if self.device.type == "cpu":
+            return self.state
+        s = self.state
+        return ServerState(dict(s.weights), _to_host(s.extra), s.round, "cpu")
 
     def broadcast(self, round: int) -> dict[str, np.ndarray]:
         return self.algorithm.broadcast(self.state, round)

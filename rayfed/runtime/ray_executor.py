@@ -395,7 +395,8 @@ class ServerActor:
             return self.core.load(Path(d) / SERVER_FILE)
 
     def state(self):
-        return self.core.state
+        """The server state, its torch objects on the host (the driver may have no GPU)."""
+        return self.core.host_state()
 
     def placement_group_id(self) -> Optional[str]:
         return ray.get_runtime_context().get_placement_group_id()
