@@ -251,6 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("rayfed.startup").setLevel(logging.INFO)  # data built, actors ready: always shown
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         return args.fn(args)

@@ -43,6 +43,8 @@ __all__ = ["METRIC_COLUMNS", "ComparisonResult", "Federation", "FederationResult
 
 
 log = logging.getLogger("rayfed")
+#: start-up stages (data built, actors ready); the CLI shows them without -v
+startup_log = logging.getLogger("rayfed.startup")
 
 ConfigLike = Union[FederationConfig, Mapping[str, Any], str, Path, None]
 ModelFactory = Callable[[DatasetInfo], Any]
@@ -179,10 +181,11 @@ class Federation:
             raise ConfigError("the model has no parameters to train")
         self.role_counts = roles[plan.union].counts()
         self._validated = (ds, plan)
-        log.info("data: %d clients, %d train / %d test samples, tasks %s; plan: %d training, %d held out, %d per "
-                 "round, %d model structure(s)", len(ds.client_ids), sum(ds.num_train(c) for c in ds.client_ids),
-                 sum(ds.num_test(c) for c in ds.client_ids), [t.name for t in ds.info.task_infos()],
-                 len(plan.train_ids), len(plan.holdouts), plan.clients_per_round, len(plan.structures))
+        startup_log.info("data: %d clients, %d train / %d test samples, tasks %s; plan: %d training, %d held out, "
+                         "%d per round, %d model structure(s)", len(ds.client_ids),
+                         sum(ds.num_train(c) for c in ds.client_ids), sum(ds.num_test(c) for c in ds.client_ids),
+                         [t.name for t in ds.info.task_infos()], len(plan.train_ids), len(plan.holdouts),
+                         plan.clients_per_round, len(plan.structures))
         if len(plan.structures) > 1:
             counts = plan.structure_counts()
             self.structures = {s.label(): {"clients": counts[s], "roles": roles[s].counts()} for s in plan.structures}

@@ -38,11 +38,15 @@ def test_run_compare_prints_table_and_writes_outputs(tmp_path, capsys):
     assert resolved["algorithm"]["name"] == "fedper" and resolved["compare"] == []
 
 
-def test_run_single_algorithm_with_set(tmp_path, capsys):
+def test_run_single_algorithm_with_set(tmp_path, capsys, caplog):
     p = _write(tmp_path, rounds=1, output__dir=str(tmp_path / "runs"))
     assert main(["run", str(p), "--set", "algorithm.name=fedrep", "--set", "algorithm.head_epochs=2"]) == 0
     out = capsys.readouterr().out
     assert "fedrep" in out and "run directory:" in out
+    # start-up stages are shown without -v; the per-round log is not
+    startup = [r.getMessage() for r in caplog.records if r.name == "rayfed.startup"]
+    assert any(m.startswith("data: 6 clients") for m in startup), startup
+    assert not [r for r in caplog.records if r.name == "rayfed" and r.getMessage().startswith("round ")]
 
 
 def test_partition_prints_summary_and_plots(tmp_path, capsys):

@@ -48,6 +48,7 @@ from rayfed.tensors import wire_nbytes
 __all__ = ["ClientActor", "RayExecutor", "ServerActor", "cause_text", "ray_session", "warm_actors"]
 
 log = logging.getLogger("rayfed")
+startup_log = logging.getLogger("rayfed.startup")  # shown by the CLI without -v
 
 
 @contextlib.contextmanager
@@ -693,8 +694,8 @@ class RayExecutor(Executor):
                     "runtime.num_actors / num_cpus_per_actor / num_gpus_per_actor / server_num_gpus, or add nodes")
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(2.0, left) if left else 2.0)
             done = len(refs) - len(pending)
-            if done != shown and pending:
-                log.info("actors ready: %d of %d", done, len(refs))
+            if done != shown:
+                startup_log.info("actors ready: %d of %d", done, len(refs))
                 shown = done
 
     # -- deadlines and recovery ----------------------------------------------------------------
