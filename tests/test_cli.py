@@ -94,3 +94,24 @@ def test_version_and_a_malformed_set_value(capsys):
     assert main(["run", "--set", "train.lr=[0.1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--set 'train.lr=[0.1': the value of 'train.lr' is not valid YAML" in err
+
+
+def test_a_lora_run_from_yaml_alone(tmp_path, capsys):
+    p = tmp_path / "lora.yaml"
+    p.write_text(f"""
+rounds: 2
+data: {{source: synthetic, num_clients: 4, synthetic: {{modality: text, feature_shape: [12], vocab_size: 50,
+        num_samples: 160}}}}
+model: {{name: bert, hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32,
+         peft: {{type: lora, r: 4, target_modules: [query, value]}}}}
+algorithm: {{name: fedper, private: ["preset:head"]}}
+runtime: {{executor: local, torch_threads: 1}}
+output: {{dir: {tmp_path / "runs"}, name: lora, plots: false}}
+""")
+    assert main(["run", str(p)]) == 0
+    summary = yaml.safe_load((tmp_path / "runs" / "lora" / "summary.json").read_text())
+    # base frozen; LoRA A and B of query and value shared; the head private
+    assert summary["roles"]["shared"] == 4 and summary["roles"]["frozen"] > 0 and summary["roles"]["private"] > 0
+    # only LoRA tensors cross the wire: 2 rounds x 4 clients x 4 tensors of 4 x 16 float32
+    assert summary["bytes_up"] == 2 * 4 * 4 * (4 * 16) * 4
+    assert yaml.safe_load((tmp_path / "runs" / "lora" / "config.yaml").read_text())["model"]["peft"]["r"] == 4
