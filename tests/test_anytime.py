@@ -354,6 +354,16 @@ def test_personal_heads_stay_home_and_finetuning_touches_only_the_private_part(m
     assert (m[m.metric == "finetune_loss"].value > 0).all()
 
 
+def test_personal_adapters_stay_home_and_the_token_is_shared_when_not_personal():
+    cfg = _vit_config(algorithm__personal="[adapters]")
+    result = Federation(cfg, run_dir=False).fit()
+    received = set(result.server_received)
+    # only the heads and the (now shared) client token reach the server
+    assert "client_token" in received and received - {"client_token"}
+    assert all(k == "client_token" or ".head." in k for k in received), received
+    assert result.summary["roles"]["shared"] == 1
+
+
 def test_exclusive_trains_only_the_deepest_tier_and_inclusive_only_last_exits():
     cfg = _vit_config(algorithm__participation="exclusive", sample_count=6)
     tiers = _tiers(cfg)
@@ -410,6 +420,22 @@ def test_vision_run_from_a_local_vit_folder_reports_every_exit_and_plots_accurac
     assert set(result.summary["exits"]) == {1, 2, 3}
     assert (tmp_path / "run" / "exit_accuracy.png").exists()
     assert result.summary["roles"]["frozen"] == 54  # the loaded backbone, whole
+
+
+def test_local_training_follows_the_train_section_through_the_stepper():
+    # two accumulated batches of 8 are one step on the same 16 samples (the same shuffle): the
+    # same exits as one batch of 16, so train.grad_accumulation reaches the exit loss
+    sgd = dict(train__optimizer="sgd", train__lr=0.5, sample_count=6)  # linear in the gradient
+    one = Federation(_vit_config(train__batch_size=16, train__max_steps=1, **sgd), run_dir=False).fit()
+    two = Federation(_vit_config(train__batch_size=8, train__grad_accumulation=2, train__max_steps=2, **sgd),
+                     run_dir=False).fit()
+    w1, w2 = one.server_state.weights, two.server_state.weights
+    assert set(w1) == set(w2)
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-6, err_msg=k)
+    # without accumulation, two steps of 8 move the exits elsewhere
+    plain = Federation(_vit_config(train__batch_size=8, train__max_steps=2, **sgd), run_dir=False).fit()
+    assert not np.allclose(plain.server_state.weights["exits.0.head.weight"], w1["exits.0.head.weight"], atol=1e-5)
 
 
 @pytest.mark.parametrize("override, match", [

@@ -244,7 +244,7 @@ class Anytime(Algorithm):
         they follow the client's depth) and each exit's mean cross-entropy under ``exits``.
         """
         from rayfed.models.views import set_mode
-        from rayfed.training import batches, local_steps, make_optimizer, only_trainable, to_tensors
+        from rayfed.training import Stepper, batches, local_steps, only_trainable, to_tensors
 
         model, cfg = ctx.model, ctx.train
         task = ctx.data.only_task()
@@ -260,22 +260,26 @@ class Anytime(Algorithm):
         with only_trainable(model, names) as params:
             if not params:
                 return nan
-            opt = make_optimizer(params, cfg, lr=lr)
             per_sample = training_flops(model, xt[:1], lambda m, xb: _exit_loss(m, xb, yt[:1], weights)[0])
+            # precision, gradient accumulation and the lr schedule of the train section apply here too
+            step = Stepper(params, cfg, lr=lr, batches=total, device=ctx.device)
             while steps < total:
                 for xb, yb in batches(xt, yt, cfg.batch_size, generator=ctx.generator):
-                    opt.zero_grad(set_to_none=True)
-                    loss, per_exit = _exit_loss(model, xb, yb, weights)
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                    loss_sum += float(loss.detach())
-                    sums += per_exit
+                    per_exit: list[np.ndarray] = []
+
+                    def objective(xb: torch.Tensor = xb, yb: torch.Tensor = yb,
+                                  per_exit: list[np.ndarray] = per_exit) -> torch.Tensor:
+                        loss, values = _exit_loss(model, xb, yb, weights)
+                        per_exit.append(values)
+                        return loss
+
+                    loss_sum += step(objective)
+                    sums += per_exit[0]
                     steps += 1
                     seen += len(yb)
                     if steps >= total:
                         break
+            step.finish()
         return {"train_loss": loss_sum / steps, "steps": steps, "flops": float(per_sample * seen),
                 "exits": {e + 1: {"train_loss": float(s / steps)} for e, s in enumerate(sums)}}
 
