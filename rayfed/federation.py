@@ -331,7 +331,7 @@ class Federation:
             rnd = {"seconds": 0.0, "num_sampled": len(sampled), "num_failed": len(out.failures),
                    "bytes_up": sum(u.get("bytes_up", 0) for u in out.updates),
                    "bytes_down": sum(u.get("bytes_down", 0) for u in out.updates),
-                   "train_loss": float(np.nanmean([u["train_loss"] for u in out.updates]))
+                   "train_loss": _nanmean([u["train_loss"] for u in out.updates])
                    if out.updates and all("train_loss" in u for u in out.updates) else float("nan"),
                    **{f"server_{k2}": v for k2, v in out.server.items()}}
             rnd["train_seconds"] = time.perf_counter() - t0
@@ -449,6 +449,12 @@ class Federation:
             **({"structures": self.structures} if getattr(self, "structures", None) else {}),
             "run_dir": str(run_dir) if run_dir else None,
         }
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean over the values that are not NaN; NaN (without numpy's empty-slice warning) when none are."""
+    a = np.asarray(values, dtype=float)
+    return float(a[~np.isnan(a)].mean()) if (~np.isnan(a)).any() else float("nan")
 
 
 def _write_clients(path: Path, ds: FederatedDataset, plan: RunPlan) -> None:
