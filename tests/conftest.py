@@ -59,3 +59,26 @@ def small_config(**overrides):
     }
     sets = [f"{k}={v}" for k, v in overrides.items()]
     return from_dict(apply_overrides(base, [s.replace("__", ".") for s in sets]))
+
+
+def client_context(cfg, cid: int = 0, *, seed: int = 0, load_model: bool = False):
+    """``(algorithm, ClientContext)`` of client ``cid`` under ``cfg``, built as a cohort would, without
+    an executor: for calling an algorithm's client hooks directly. ``load_model`` first loads the
+    client's state into the model (``Algorithm.load_client_model``, no payload)."""
+    import torch
+
+    from rayfed.algorithms import create
+    from rayfed.algorithms.base import ClientContext
+    from rayfed.data import FederatedDataset
+    from rayfed.models import build_model
+
+    ds = FederatedDataset.from_config(cfg.data, cfg.seed)
+    model = build_model(cfg.model, ds.info, cfg.seed)
+    alg = create(cfg.algorithm)
+    roles = alg.roles(model)
+    state = alg.init_client(cid, model, roles)
+    if load_model:
+        alg.load_client_model(model, roles, {}, {}, state)
+    ctx = ClientContext(cid, 0, model, roles, ds.client_data(cid), cfg.train, state, {}, torch.device("cpu"),
+                        torch.Generator().manual_seed(seed), ds.num_clients)
+    return alg, ctx

@@ -6,15 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import client_context, small_config
 
 from rayfed import ConfigError, Role
-from rayfed.algorithms import create
-from rayfed.algorithms.base import ClientContext
 from rayfed.algorithms.fedrep import FedRepConfig
 from rayfed.config import TrainConfig
-from rayfed.data import FederatedDataset
-from rayfed.models import build_model
 from rayfed.training import local_steps, train_epochs
 
 
@@ -31,14 +27,7 @@ def test_local_epochs_split_as_the_official_code():
 
 
 def _context(cfg, cid: int = 0):
-    ds = FederatedDataset.from_config(cfg.data, cfg.seed)
-    model = build_model(cfg.model, ds.info, cfg.seed)
-    alg = create(cfg.algorithm)
-    roles = alg.roles(model)
-    state = alg.init_client(cid, model, roles)
-    ctx = ClientContext(cid, 0, model, roles, ds.client_data(cid), cfg.train, state, {}, torch.device("cpu"),
-                        torch.Generator().manual_seed(7), ds.num_clients)
-    return alg, ctx
+    return client_context(cfg, cid, seed=7)
 
 
 def test_head_then_body_and_never_both_at_once():

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import client_context
 
 from rayfed import ConfigError, Federation, Role
-from rayfed.algorithms import available, create, get_algorithm
-from rayfed.algorithms.base import ClientContext, ServerState
+from rayfed.algorithms import available, get_algorithm
+from rayfed.algorithms.base import ServerState
 from rayfed.algorithms.ffgg import FFGGAggregator, FFGGConfig, server_step
 from rayfed.config import DataConfig, ModelConfig, PartialLinearConfig, from_dict, to_dict
 from rayfed.data import DatasetInfo, FederatedDataset
@@ -40,15 +41,7 @@ def final_loss(result) -> float:
 
 
 def _context(cfg, cid: int = 0):
-    ds = FederatedDataset.from_config(cfg.data, cfg.seed)
-    model = build_model(cfg.model, ds.info, cfg.seed)
-    alg = create(cfg.algorithm)
-    roles = alg.roles(model)
-    state = alg.init_client(cid, model, roles)
-    alg.load_client_model(model, roles, {}, {}, state)
-    ctx = ClientContext(cid, 0, model, roles, ds.client_data(cid), cfg.train, state, {}, torch.device("cpu"),
-                        torch.Generator().manual_seed(0), ds.num_clients)
-    return alg, ctx
+    return client_context(cfg, cid, seed=0, load_model=True)
 
 
 # -- the synthetic problem and the linear model ---------------------------------------------------
