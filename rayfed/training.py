@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -145,7 +145,9 @@ def train_epochs(
         step = Stepper(params, cfg, lr=lr, batches=total, device=device)
         while steps < total:
             for xb, yb in batches(xt, yt, cfg.batch_size, generator=generator):
-                loss_sum += step(lambda xb=xb, yb=yb: loss_fn(forward_logits(model, xb), yb))
+                with step.forward():
+                    loss = loss_fn(forward_logits(model, xb), yb)
+                loss_sum += step.backward(loss)
                 steps += 1
                 if steps >= total:
                     break
@@ -156,9 +158,10 @@ def train_epochs(
 class Stepper:
     """One optimizer step per batch (or per ``train.grad_accumulation`` batches), with the loss
     computed under ``train.precision`` autocast and the learning rate following ``train.lr_schedule``
-    over the round's ``batches``. With the defaults (fp32, no accumulation, constant rate) a call is
-    exactly ``zero_grad; loss.backward(); clip; step``. Call :meth:`finish` after the last batch: it
-    applies the gradients of an incomplete accumulation group.
+    over the round's ``batches``: compute each batch's loss inside ``with step.forward():`` and pass
+    it to :meth:`backward`. With the defaults (fp32, no accumulation, constant rate) that is exactly
+    ``zero_grad; loss.backward(); clip; step``. Call :meth:`finish` after the last batch: it applies
+    the gradients of an incomplete accumulation group.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig, *, lr: float | None, batches: int,
@@ -187,15 +190,14 @@ class Stepper:
 
             self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
 
-    def __call__(self, compute_loss) -> float:
-        """Forward and backward one batch (``compute_loss()`` returns its loss); returns the loss."""
+    def forward(self) -> AbstractContextManager:
+        """The context a batch's forward pass and loss run in (``train.precision`` autocast)."""
+        return self.autocast if self.autocast is not None else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> float:
+        """Backward one batch's loss, stepping when an accumulation group is complete; returns the loss."""
         if self.k % self.accum == 0:
             self.opt.zero_grad(set_to_none=True)
-        if self.autocast is not None:
-            with self.autocast:
-                loss = compute_loss()
-        else:
-            loss = compute_loss()
         scaled = loss / self.accum if self.accum > 1 else loss
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.k += 1
@@ -327,7 +329,9 @@ def train_client(model: torch.nn.Module, names: Iterable[str], data: ClientData,
         step = Stepper(params, cfg, lr=lr, batches=planned if max_steps is None else min(planned, max_steps),
                        device=device)
         for info, (xb, yb) in _task_batches(data, infos, cfg, device, generator, epochs, max_steps):
-            value = step(lambda info=info, xb=xb, yb=yb: task_loss(forward_task(model, info, xb), yb, kind=info.target))
+            with step.forward():
+                loss = task_loss(forward_task(model, info, xb), yb, kind=info.target)
+            value = step.backward(loss)
             sums[info.name][0] += value
             sums[info.name][1] += 1
             total += value

@@ -71,7 +71,9 @@ def test_an_incomplete_accumulation_group_is_applied_by_finish():
     step = Stepper(p, TrainConfig(optimizer="adam", grad_accumulation=2), lr=None, batches=3, device=CPU)
     x, y = map(torch.from_numpy, _data(n=4))
     for _ in range(3):
-        step(lambda: torch.nn.functional.cross_entropy(m(x), y))
+        with step.forward():
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+        step.backward(loss)
     assert step.opt.state[p[0]]["step"] == 1  # batches 1+2 stepped; batch 3 waits
     step.finish()
     assert step.opt.state[p[0]]["step"] == 2
@@ -86,7 +88,9 @@ def test_warm_up_then_decay_over_the_rounds_steps(schedule):
     lrs = []
     for _ in range(6):
         lrs.append(step.opt.param_groups[0]["lr"])
-        step(lambda: torch.nn.functional.cross_entropy(m(x), y))
+        with step.forward():
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+        step.backward(loss)
     decay = [0.5 * (1 + math.cos(math.pi * k / 4)) if schedule == "cosine" else 1 - k / 4 for k in range(4)]
     assert lrs == pytest.approx([1 / 3, 2 / 3, *decay])
 

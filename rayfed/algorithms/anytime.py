@@ -265,16 +265,10 @@ class Anytime(Algorithm):
             step = Stepper(params, cfg, lr=lr, batches=total, device=ctx.device)
             while steps < total:
                 for xb, yb in batches(xt, yt, cfg.batch_size, generator=ctx.generator):
-                    per_exit: list[np.ndarray] = []
-
-                    def objective(xb: torch.Tensor = xb, yb: torch.Tensor = yb,
-                                  per_exit: list[np.ndarray] = per_exit) -> torch.Tensor:
-                        loss, values = _exit_loss(model, xb, yb, weights)
-                        per_exit.append(values)
-                        return loss
-
-                    loss_sum += step(objective)
-                    sums += per_exit[0]
+                    with step.forward():
+                        loss, per_exit = _exit_loss(model, xb, yb, weights)
+                    loss_sum += step.backward(loss)
+                    sums += per_exit
                     steps += 1
                     seen += len(yb)
                     if steps >= total:

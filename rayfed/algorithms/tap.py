@@ -278,21 +278,17 @@ def distill_client(model: torch.nn.Module, names: Iterable[str], data: ClientDat
                 idx, xb, yb = batch
                 kind = infos[name].target
                 w = float(weights.get(name, 0.0))
-                parts: dict[str, torch.Tensor] = {}
-
-                def objective(name=name, idx=idx, xb=xb, yb=yb, kind=kind, w=w, parts=parts) -> torch.Tensor:
+                with step.forward():
                     out = forward_task(model, infos[name], xb)
-                    parts["loss"] = task_loss(out, yb, kind=kind)
-                    parts["kd"] = torch.zeros((), device=out.device)
+                    loss = task_loss(out, yb, kind=kind)
+                    kd = torch.zeros((), device=out.device)
                     if teacher is not None and w > 0:
-                        parts["kd"] = distillation_loss(out, teacher[name][idx].to(out.device),
-                                                        temperature=temperature, kind=kind, image_loss=image_loss)
-                    return parts["loss"] + w * parts["kd"]
-
-                step(objective)
+                        kd = distillation_loss(out, teacher[name][idx].to(out.device), temperature=temperature,
+                                               kind=kind, image_loss=image_loss)
+                step.backward(loss + w * kd)
                 s = sums[name]
-                s[0] += float(parts["loss"].detach())
-                s[1] += float(parts["kd"].detach())
+                s[0] += float(loss.detach())
+                s[1] += float(kd.detach())
                 s[2] += 1
                 steps += 1
                 if cfg.max_steps is not None and steps >= cfg.max_steps:
