@@ -98,10 +98,9 @@ def assign_test_rows(parts: list[np.ndarray], labels: np.ndarray, test_rows: np.
     out: list[list[np.ndarray]] = [[] for _ in parts]
     if groups is not None:
         groups = np.asarray(groups)
-        owner = {groups[p[0]].item() if isinstance(groups[p[0]], np.generic) else groups[p[0]]: c
-                 for c, p in enumerate(parts) if len(p)}
+        owner = {groups[p[0]]: c for c, p in enumerate(parts) if len(p)}  # by_column: one group per client
         for value in np.unique(groups[test_rows]):
-            c = owner.get(value.item() if isinstance(value, np.generic) else value)
+            c = owner.get(value)
             if c is not None:
                 out[c].append(test_rows[groups[test_rows] == value])
     else:

@@ -257,14 +257,14 @@ def _load_huggingface(cfg: DataConfig) -> tuple[pa.Table, DatasetInfo]:
         raise ConfigError(f"config key 'data.test_split': {cfg.path!r} is a single split, so it has no split "
                           f"{cfg.test_split!r}; set data.test_split=null (or auto)")
     else:
-        test_ds = None
+        test = test_ds = None
     _check_columns(list(ds.column_names), cfg, cfg.path)
     label_feature = ds.features.get(cfg.label_column)
     hint = getattr(label_feature, "num_classes", None)
     table = ds.select_columns(_needed(cfg)).with_format("arrow")[:]
     n_train = table.num_rows
     if test_ds is not None:  # one table, so labels map to the same ids; the test rows are marked
-        _check_columns(list(test_ds.column_names), cfg, f"{cfg.path} (split {cfg.test_split})")
+        _check_columns(list(test_ds.column_names), cfg, f"{cfg.path} (split {test})")
         table = pa.concat_tables([table, test_ds.select_columns(_needed(cfg)).with_format("arrow")[:].cast(
             table.schema)])
     out, info = _from_table(table, cfg, cfg.path, hint, getattr(label_feature, "names", None))
