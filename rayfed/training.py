@@ -16,7 +16,8 @@ from rayfed.models import forward_logits
 from rayfed.models.views import named_params, set_mode
 
 __all__ = ["Stepper", "batches", "evaluate", "evaluate_data", "evaluate_task", "forward_task", "is_multitask",
-           "local_steps", "make_optimizer", "only_trainable", "task_loss", "train_client", "train_epochs", "warm_up"]
+           "local_steps", "make_optimizer", "only_trainable", "resolve_device", "task_loss", "train_client",
+           "train_epochs", "warm_up"]
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
@@ -34,6 +35,22 @@ def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "me
             outputs = outputs.squeeze(-1)
         return F.mse_loss(outputs, targets.to(outputs.dtype), reduction=reduction)
     return F.cross_entropy(outputs, targets, reduction=reduction)
+
+
+def resolve_device(requested: str | None, *, key: str = "runtime.device",
+                   gpus: str = "runtime.num_gpus_per_actor", auto_cuda: bool = True) -> torch.device:
+    """The torch device a ``cpu | cuda | auto`` setting means in this process (``auto``: cuda when
+    ``auto_cuda`` and a GPU is visible).
+
+    Raises:
+        RuntimeError: ``cuda`` asked for where no GPU is visible, naming ``key`` and the ``gpus`` key.
+    """
+    if requested in (None, "auto"):
+        return torch.device("cuda" if auto_cuda and torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{key}='cuda' but this process sees no GPU; give the actor GPUs ({gpus}) or set "
+                           f"{key}=cpu")
+    return torch.device(requested)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, *,

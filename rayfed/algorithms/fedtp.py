@@ -779,7 +779,7 @@ def personalize_new_client(
         >>> fit = personalize_new_client(result, None, new_client_data)   # doctest: +SKIP
         >>> fit.metrics["accuracy"], fit.metrics["mean_embedding_accuracy"]  # doctest: +SKIP
     """
-    from rayfed.training import batches, evaluate
+    from rayfed.training import batches, evaluate, resolve_device
 
     state, run_cfg = _resolve(source)
     if HYPERNET not in state.extra:
@@ -792,10 +792,8 @@ def personalize_new_client(
 
         info: DatasetInfo = FederatedDataset.from_config(run_cfg.data, run_cfg.seed).info
         model = build_model(run_cfg.model, info, run_cfg.seed)
-    if device is None:
-        wanted = getattr(getattr(run_cfg, "runtime", None), "device", "cpu")
-        device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else \
+        resolve_device(getattr(getattr(run_cfg, "runtime", None), "device", "cpu"))
     hn: HyperNetwork = copy.deepcopy(state.extra[HYPERNET]).requires_grad_(False).to(device)
     model = model.to(device)
     sd = model.state_dict()

@@ -45,7 +45,7 @@ from rayfed.runtime.state_store import ClientStateStore
 from rayfed.runtime.validation import UpdateValidator
 from rayfed.safe_io import read_state, write_state
 from rayfed.tensors import SparseTensor, is_sparse, wire_nbytes
-from rayfed.training import warm_up
+from rayfed.training import resolve_device, warm_up
 
 __all__ = ["ClientCohort", "ClientFailure", "CohortSpec", "ServerCore", "client_seed"]
 
@@ -127,16 +127,6 @@ def _to_host(x: Any) -> Any:
     return x
 
 
-def _pick_device(requested: str | None, *, key: str = "runtime.device", gpus: str = "runtime.num_gpus_per_actor",
-                 auto_cuda: bool = True) -> torch.device:
-    if requested in (None, "auto"):
-        return torch.device("cuda" if auto_cuda and torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{key}='cuda' but this process sees no GPU; give the actor GPUs ({gpus}) or set "
-                           f"{key}=cpu")
-    return torch.device(requested)
-
-
 class _Built:
     """One structure's model in a cohort: the model object its clients share, roles, initial values."""
 
@@ -168,7 +158,7 @@ class ClientCohort:
         self.algorithm = spec.algorithm
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
-        self.device = _pick_device(spec.device or cfg.runtime.device)
+        self.device = resolve_device(spec.device or cfg.runtime.device)
         ds = spec.dataset
         self.num_clients = ds.num_clients
         self.info = ds.info
@@ -419,7 +409,7 @@ class ServerCore:
         rt = config.runtime
         #: where the server's torch work runs (``ServerState.device``: an algorithm moves its server
         #: modules there when it uses them)
-        self.device = _pick_device(rt.server_device, key="runtime.server_device", gpus="runtime.server_num_gpus",
+        self.device = resolve_device(rt.server_device, key="runtime.server_device", gpus="runtime.server_num_gpus",
                                    auto_cuda=rt.server_num_gpus > 0)
         self.state = algorithm.init_server(model, self.roles, dict(client_sizes), config.seed)
         warm_up(config.train)  # server optimizers (FFGG, FedTP's hypernetwork) start warm too
