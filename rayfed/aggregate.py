@@ -9,10 +9,8 @@ actor can compose them without owning any maths themselves.
   sparse uploads, :class:`rayfed.tensors.SparseTensor`, only at the coordinates they hold) and its
   batch form :func:`holder_mean`, and the FedSpa sparse-aware mean over dense values and masks
   :func:`sparse_mean`.
-* Byzantine-robust rules over a stack ``X`` of flattened client vectors, shape ``(n, d)``:
-  :func:`coordinate_median`, :func:`trimmed_mean`, :func:`krum` (Blanchard et al. 2017),
-  :func:`centered_clipping` and :func:`bucketing` (Karimireddy, He, Jaggi 2021; 2022), with
-  :func:`flatten`/:func:`unflatten` and the dict-level entry point :func:`robust_aggregate`.
+* :func:`flatten` and :func:`unflatten` between a dict of named tensors and one flat vector (the
+  rows the Byzantine-robust rules of :mod:`rayfed.robust_rules` work on).
 
 All sums are accumulated in float64; results are cast back to the inputs' floating dtype.
 
@@ -25,9 +23,8 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -35,31 +32,13 @@ from rayfed.tensors import SparseTensor
 
 __all__ = [
     "PackedTensors",
-    "ROBUST_RULES",
     "StreamingMean",
-    "bucketing",
-    "centered_clipping",
-    "coordinate_median",
     "flatten",
     "holder_mean",
-    "krum",
-    "robust_aggregate",
     "sparse_mean",
-    "trimmed_mean",
     "unflatten",
     "weighted_mean",
 ]
-
-ROBUST_RULES: tuple[str, ...] = (
-    "mean",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multi_krum",
-    "centered_clipping",
-)
-"""Rule names accepted by :func:`robust_aggregate`."""
-
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -91,21 +70,6 @@ def _check_weight(weight: float) -> float:
     if not math.isfinite(w) or w < 0:
         raise ValueError(f"weight must be finite and non-negative, got {weight!r}")
     return w
-
-
-def _as_matrix(X: np.ndarray) -> np.ndarray:
-    """``X`` as a float64 ``(n, d)`` matrix with ``n >= 1``."""
-    X = np.asarray(X)
-    if X.ndim != 2 or X.shape[0] < 1:
-        raise ValueError(
-            f"expected a stack of client vectors of shape (n_clients, d) with n_clients >= 1, "
-            f"got shape {X.shape}; use flatten() to turn each client's dict into one row"
-        )
-    return X.astype(np.float64, copy=False)
-
-
-def _cast_back(result: np.ndarray, X: np.ndarray) -> np.ndarray:
-    return result.astype(_out_dtype(np.asarray(X).dtype), copy=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,215 +480,7 @@ def sparse_mean(
 
 
 # --------------------------------------------------------------------------------------------------
-# robust rules over (n_clients, d) stacks
-
-
-def coordinate_median(X: np.ndarray) -> np.ndarray:
-    """Coordinate-wise median of the rows of ``X``.
-
-    ``out[j] = median_i X[i, j]``; for even ``n`` the mean of the two middle values, as
-    :func:`numpy.median` does.
-
-    Args:
-        X: client vectors, shape ``(n, d)``.
-
-    Returns:
-        The ``(d,)`` median vector.
-
-    Example:
-        >>> coordinate_median(np.array([[1.0, 5.0], [2.0, 0.0], [1000.0, 1.0]]))
-        array([2., 1.])
-    """
-    M = _as_matrix(X)
-    return _cast_back(np.median(M, axis=0), X)
-
-
-def trimmed_mean(X: np.ndarray, trim: float) -> np.ndarray:
-    """Coordinate-wise trimmed mean: drop the ``b`` largest and ``b`` smallest values per entry.
-
-    ``out[j] = mean(sorted(X[:, j])[b : n - b])``, with ``b = trim`` for an int and
-    ``b = floor(trim * n)`` for a float fraction in ``[0, 0.5)``.
-
-    Args:
-        X: client vectors, shape ``(n, d)``.
-        trim: number of values (int) or fraction of ``n`` (float) to drop at each end.
-
-    Returns:
-        The ``(d,)`` trimmed mean.
-
-    Raises:
-        ValueError: a negative trim, a fraction outside ``[0, 0.5)``, or ``2b >= n``.
-        TypeError: ``trim`` is neither an int nor a float.
-
-    Example:
-        >>> trimmed_mean(np.array([[1.0], [2.0], [3.0], [1000.0]]), trim=1)
-        array([2.5])
-    """
-    M = _as_matrix(X)
-    n = M.shape[0]
-    if isinstance(trim, bool) or not isinstance(trim, (int, float, np.integer, np.floating)):
-        raise TypeError(f"trim must be an int count or a float fraction, got {trim!r}")
-    if isinstance(trim, (float, np.floating)):
-        if not 0.0 <= trim < 0.5:
-            raise ValueError(f"a float trim is a fraction of n and must be in [0, 0.5), got {trim}")
-        b = math.floor(trim * n)
-    else:
-        b = int(trim)
-        if b < 0:
-            raise ValueError(f"trim must be >= 0, got {trim}")
-    if 2 * b >= n:
-        raise ValueError(
-            f"trimmed_mean drops 2b values per coordinate and needs n > 2b, got n={n}, b={b}; "
-            f"use a smaller trim or more clients"
-        )
-    kept = np.sort(M, axis=0)[b : n - b]
-    return _cast_back(kept.mean(axis=0), X)
-
-
-def _krum_scores(M: np.ndarray, num_byzantine: int) -> np.ndarray:
-    n = M.shape[0]
-    k = n - num_byzantine - 2
-    if num_byzantine < 0 or k < 1:
-        raise ValueError(
-            f"Krum needs num_byzantine >= 0 and n - f - 2 >= 1 neighbours, got n={n}, "
-            f"f={num_byzantine}; use fewer assumed Byzantine clients or more clients"
-        )
-    # One row of squared distances at a time: O(n * d) memory rather than O(n^2 * d).
-    dist = np.empty((n, n), dtype=np.float64)
-    for i in range(n):
-        diff = M - M[i]
-        dist[i] = np.einsum("ij,ij->i", diff, diff)
-    scores = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        others = np.delete(dist[i], i)
-        scores[i] = np.sort(others)[:k].sum()
-    return scores
-
-
-def krum(X: np.ndarray, num_byzantine: int, multi: int = 1) -> np.ndarray:
-    """Krum and multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017).
-
-    ``score(i) = sum_{j in N_i} ||x_i - x_j||^2`` where ``N_i`` are the ``n - f - 2`` nearest
-    neighbours of ``x_i`` (other than itself). Krum returns the row with the lowest score;
-    multi-Krum returns the mean of the ``multi`` rows with the lowest scores (scores computed once).
-    Ties are broken by the lowest row index.
-
-    Args:
-        X: client vectors, shape ``(n, d)``.
-        num_byzantine: ``f``, the number of Byzantine clients to tolerate.
-        multi: how many lowest-score rows to average (1 = plain Krum).
-
-    Returns:
-        The ``(d,)`` selected vector (or mean of the selected vectors).
-
-    Raises:
-        ValueError: ``n - f - 2 < 1`` (naming ``n`` and ``f``), or ``multi`` outside ``[1, n]``.
-
-    Example:
-        >>> krum(np.array([[0.0], [1.0], [2.0], [4.0], [100.0]]), num_byzantine=1)
-        array([1.])
-    """
-    M = _as_matrix(X)
-    n = M.shape[0]
-    scores = _krum_scores(M, num_byzantine)
-    if not 1 <= multi <= n:
-        raise ValueError(f"multi must be in [1, n={n}], got {multi}")
-    chosen = np.argsort(scores, kind="stable")[:multi]
-    return _cast_back(M[np.sort(chosen)].mean(axis=0), X)
-
-
-def _multi_krum(X: np.ndarray, num_byzantine: int, multi: int | None) -> np.ndarray:
-    """Multi-Krum with ``multi`` defaulting to ``n - num_byzantine`` for the rows given."""
-    m = np.shape(X)[0] - num_byzantine if multi is None else multi
-    return krum(X, num_byzantine, multi=m)
-
-
-def centered_clipping(X: np.ndarray, center: np.ndarray, tau: float, iters: int = 1) -> np.ndarray:
-    """Centered clipping of client vectors around a center.
-
-    From Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
-    ICML 2021.
-
-    Starting from ``v = center``, repeat ``iters`` times:
-    ``v <- v + (1/n) sum_i clip(x_i - v, tau)`` with ``clip(z) = z * min(1, tau / ||z||)``
-    (``clip(0) = 0``). The center is typically the previous round's aggregate (momentum).
-
-    Args:
-        X: client vectors, shape ``(n, d)``.
-        center: starting point, shape ``(d,)``.
-        tau: clipping radius, > 0.
-        iters: number of clipping iterations, >= 1.
-
-    Returns:
-        The ``(d,)`` clipped aggregate.
-
-    Raises:
-        ValueError: bad ``tau``, ``iters`` or center shape.
-
-    Example:
-        >>> centered_clipping(np.array([[3.0, 4.0], [0.0, 0.0]]), np.zeros(2), tau=1.0)
-        array([0.3, 0.4])
-    """
-    M = _as_matrix(X)
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite positive radius, got {tau!r}")
-    if int(iters) != iters or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    v = np.asarray(center, dtype=np.float64)
-    if v.shape != (M.shape[1],):
-        raise ValueError(f"center must have shape ({M.shape[1]},) like the rows, got {v.shape}")
-    v = v.copy()
-    for _ in range(int(iters)):
-        diff = M - v
-        norms = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        scale = np.minimum(1.0, tau / np.where(norms > 0, norms, np.inf))
-        v = v + (diff * scale[:, None]).mean(axis=0)
-    return _cast_back(v, X)
-
-
-def bucketing(
-    X: np.ndarray,
-    bucket_size: int,
-    rule: Callable[[np.ndarray], np.ndarray],
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Bucketing: average random groups of clients, then apply a robust rule to the group means.
-
-    From Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
-    Bucketing", ICLR 2022. Shuffle the rows with ``perm = rng.permutation(n)``, average each
-    consecutive group of ``s = bucket_size`` shuffled rows (the last group may be smaller),
-    ``y_b = mean(x_perm[b*s : (b+1)*s])``, then return ``rule(Y)`` over the ``ceil(n / s)`` means.
-
-    Args:
-        X: client vectors, shape ``(n, d)``.
-        bucket_size: rows per bucket ``s``, >= 1.
-        rule: robust rule applied to the ``(ceil(n/s), d)`` bucket means, e.g.
-            ``coordinate_median`` or ``lambda Y: krum(Y, 1)``.
-        rng: seeded generator; consumed by exactly one ``rng.permutation(n)`` call.
-
-    Returns:
-        ``rule`` applied to the bucket means.
-
-    Raises:
-        ValueError: ``bucket_size < 1``.
-
-    Example:
-        >>> X = np.array([[1.0], [2.0], [3.0], [1000.0]])
-        >>> bucketing(X, 2, coordinate_median, np.random.default_rng(0)).shape
-        (1,)
-    """
-    M = _as_matrix(X)
-    if int(bucket_size) != bucket_size or bucket_size < 1:
-        raise ValueError(f"bucket_size must be an int >= 1, got {bucket_size!r}")
-    s = int(bucket_size)
-    n = M.shape[0]
-    shuffled = M[rng.permutation(n)]
-    means = np.stack([shuffled[i : i + s].mean(axis=0) for i in range(0, n, s)])
-    return _cast_back(np.asarray(rule(means), dtype=np.float64), X)
-
-
-# --------------------------------------------------------------------------------------------------
-# dict-level entry point
+# flat vectors of named tensors (the rows of rayfed.robust_rules)
 
 
 def flatten(tensors: Mapping[str, np.ndarray], keys: Sequence[str]) -> np.ndarray:
@@ -786,130 +542,3 @@ def unflatten(
         out[k] = vec[start : start + t.size].reshape(t.shape).astype(t.dtype)
         start += t.size
     return out
-
-
-def robust_aggregate(
-    updates: Sequence[Mapping[str, np.ndarray]],
-    rule: str,
-    *,
-    weights: Sequence[float] | None = None,
-    trim: float = 0.1,
-    num_byzantine: int = 0,
-    multi: int | None = None,
-    tau: float | None = None,
-    center: Mapping[str, np.ndarray] | np.ndarray | None = None,
-    iters: int = 1,
-    bucket_size: int = 0,
-    rng: np.random.Generator | None = None,
-) -> dict[str, np.ndarray]:
-    """Aggregate dict updates with one of :data:`ROBUST_RULES`, optionally after bucketing.
-
-    Flattens every update over the first update's keys, optionally buckets the rows
-    (:func:`bucketing`), applies the rule, and unflattens to the first update's shapes and dtypes:
-
-    * ``"mean"``: :func:`weighted_mean` (the only rule that uses ``weights``);
-    * ``"median"``: :func:`coordinate_median`;
-    * ``"trimmed_mean"``: :func:`trimmed_mean` with ``trim``;
-    * ``"krum"``: :func:`krum` with ``num_byzantine`` (``multi`` must be None or 1);
-    * ``"multi_krum"``: :func:`krum` with ``multi`` (default ``n - num_byzantine``);
-    * ``"centered_clipping"``: :func:`centered_clipping` with ``tau`` (required), ``iters`` and
-      ``center`` (default zeros, right for deltas and gradients; pass the previous aggregate
-      otherwise).
-
-    With bucketing, ``n`` for the rule is the number of buckets. Updates holding NaN or infinite
-    values are left out before anything else (they cannot poison the result).
-
-    Args:
-        updates: one mapping of tensors per client, all with the same keys and shapes.
-        rule: one of :data:`ROBUST_RULES`.
-        weights: per-client weights for ``"mean"``; robust rules ignore client-reported weights by
-            design, so passing them with another rule is an error.
-        trim: count or fraction trimmed per end for ``"trimmed_mean"``.
-        num_byzantine: ``f`` for Krum.
-        multi: rows averaged by ``"multi_krum"``.
-        tau: clipping radius for ``"centered_clipping"``.
-        center: starting point for ``"centered_clipping"``, as a dict like the updates or a flat
-            vector.
-        iters: clipping iterations for ``"centered_clipping"``.
-        bucket_size: rows per bucket; 0 disables bucketing.
-        rng: seeded generator, required when ``bucket_size > 0``.
-
-    Returns:
-        The aggregate, with the first update's keys, shapes and dtypes.
-
-    Raises:
-        ValueError: unknown rule (listing the valid ones), inconsistent updates, or bad options.
-
-    Example:
-        >>> ups = [{"w": np.array([v])} for v in (1.0, 2.0, 3.0, 1000.0)]
-        >>> robust_aggregate(ups, "median")
-        {'w': array([2.5])}
-    """
-    if rule not in ROBUST_RULES:
-        valid = ", ".join(ROBUST_RULES)
-        raise ValueError(f"unknown aggregation rule {rule!r}; valid rules: {valid}")
-    if len(updates) == 0:
-        raise ValueError("robust_aggregate needs at least one update, got none")
-    like = {k: np.asarray(v) for k, v in updates[0].items()}
-    keys = list(like)
-    for i, u in enumerate(updates):
-        if set(u) != set(keys):
-            missing, extra = sorted(set(keys) - set(u)), sorted(set(u) - set(keys))
-            raise ValueError(
-                f"update {i} has keys differing from update 0: missing {missing}, extra {extra}; "
-                f"robust rules need every client to send the same tensors (use holder_mean for "
-                f"partial updates)"
-            )
-        for k in keys:
-            shape = np.shape(u[k])
-            if shape != like[k].shape:
-                raise ValueError(
-                    f"tensor {k!r} has shape {shape} in update {i} but {like[k].shape} in update 0"
-                )
-    if weights is not None and rule != "mean":
-        raise ValueError(
-            f"weights apply only to rule='mean', got rule={rule!r}; pass weights=None "
-            f"(client-reported weights would let a Byzantine client dominate)"
-        )
-    if weights is not None and bucket_size:
-        raise ValueError("weights cannot be combined with bucketing; pass weights=None")
-    X = np.stack([flatten(u, keys) for u in updates])
-    finite = np.isfinite(X).all(axis=1)
-    if not finite.all():  # a NaN or infinite update cannot be an honest one: leave it out of every rule
-        if not finite.any():
-            raise ValueError(f"all {len(updates)} updates hold NaN or infinite values; nothing to aggregate")
-        X = X[finite]
-        if weights is not None:
-            weights = [w for w, ok in zip(weights, finite) if ok]
-
-    apply: Callable[[np.ndarray], np.ndarray]
-    if rule == "mean":
-        apply = functools.partial(weighted_mean, weights=weights)
-    elif rule == "median":
-        apply = coordinate_median
-    elif rule == "trimmed_mean":
-        apply = functools.partial(trimmed_mean, trim=trim)
-    elif rule == "krum":
-        if multi not in (None, 1):
-            raise ValueError(f"rule='krum' selects one vector, got multi={multi}; use 'multi_krum'")
-        apply = functools.partial(krum, num_byzantine=num_byzantine)
-    elif rule == "multi_krum":
-        apply = functools.partial(_multi_krum, num_byzantine=num_byzantine, multi=multi)
-    else:  # centered_clipping
-        if tau is None:
-            raise ValueError("rule='centered_clipping' needs a clipping radius, e.g. tau=1.0")
-        if center is None:
-            c = np.zeros(X.shape[1])
-        elif isinstance(center, Mapping):
-            c = flatten(center, keys)
-        else:
-            c = np.asarray(center, dtype=np.float64).ravel()
-        apply = functools.partial(centered_clipping, center=c, tau=tau, iters=iters)
-
-    if bucket_size:
-        if rng is None:
-            raise ValueError("bucketing needs a seeded generator: rng=np.random.default_rng(seed)")
-        vec = bucketing(X, bucket_size, apply, rng)
-    else:
-        vec = apply(X)
-    return unflatten(vec, like, keys)

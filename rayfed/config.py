@@ -604,7 +604,8 @@ class RuntimeConfig:
     resources_per_actor: dict[str, float] = _f({}, "custom Ray resources per client actor, e.g. {site_a: 1}")
     server_num_cpus: float = _f(0.1, "CPUs reserved for the server actor")
     server_num_gpus: float = _f(0.0, "GPUs for the server actor (fractional ok): the server's torch work, such as "
-                                     "FedTP's hypernetwork, then runs there (runtime.server_device)")
+                                     "FedTP's hypernetwork and robust aggregation rules, then runs there "
+                                     "(runtime.server_device)")
     server_device: Literal["cpu", "cuda", "auto"] = _f(
         "auto", "server torch device; auto = cuda when runtime.server_num_gpus > 0 and the server sees a GPU")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "client torch device; auto = cuda when the actor sees a GPU")
@@ -712,10 +713,11 @@ class AggregationConfig:
 
     ``rule: mean`` with ``bucket_size: 0`` (the default) keeps each algorithm's own streaming
     aggregator. Any other setting buffers the round's updates and replaces the clients' shared
-    tensors by a robust consensus (:func:`rayfed.aggregate.robust_aggregate`) computed over
+    tensors by a robust consensus (:func:`rayfed.robust_rules.robust_aggregate`) computed over
     *updates*: client weights minus the current server weights for algorithms that upload weights,
     the uploaded gradients for algorithms that upload gradients (e.g. FFGG). The algorithm's own
-    aggregator (server learning rate, momentum, optimizer) then applies that consensus.
+    aggregator (server learning rate, momentum, optimizer) then applies that consensus. The rule
+    runs on the server's device (``runtime.server_device``): numpy on the host, torch on a GPU.
     """
 
     rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clipping"] = _f(

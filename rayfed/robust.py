@@ -1,6 +1,6 @@
 """Byzantine robustness for every algorithm: robust server aggregation and SIMULATED attacks.
 
-The maths lives in :mod:`rayfed.aggregate` (coordinate median, trimmed mean, Krum / multi-Krum,
+The maths lives in :mod:`rayfed.robust_rules` (coordinate median, trimmed mean, Krum / multi-Krum,
 centered clipping, bucketing). This module wires it between the runtime and any algorithm:
 
 * :class:`RobustAggregator` wraps an algorithm's own aggregator. It buffers the round's updates
@@ -61,11 +61,11 @@ from typing import Any
 
 import numpy as np
 
-from rayfed.aggregate import robust_aggregate
 from rayfed.algorithms.base import AUX, Aggregator, ClientUpdate, ServerState
 from rayfed.config import AggregationConfig, AttackConfig
 from rayfed.data.info import ClientData
 from rayfed.errors import ConfigError
+from rayfed.robust_rules import robust_aggregate
 from rayfed.tensors import is_sparse
 
 log = logging.getLogger("rayfed")
@@ -106,7 +106,8 @@ class RobustAggregator:
 
     Args:
         inner: the algorithm's aggregator for this round.
-        state: the server state the round started from (its weights are the base of updates).
+        state: the server state the round started from (its weights are the base of updates; its
+            ``device`` is where the rule runs).
         cfg: the ``aggregation`` section (rule, bucketing and the rule's options).
         kind: the algorithm's :attr:`~rayfed.algorithms.Algorithm.upload_kind`.
         keys: names of the tensors aggregated robustly (the shared ones); other uploaded entries
@@ -125,7 +126,9 @@ class RobustAggregator:
         self.updates.append(update)
 
     def consensus(self) -> dict[str, np.ndarray]:
-        """The robust aggregate of the buffered updates over the keys every one of them holds."""
+        """The robust aggregate of the buffered updates over the keys every one of them holds, computed
+        on the server's device (``ServerState.device``, i.e. ``runtime.server_device``).
+        """
         ups = self.updates
         # sparse (masked) tensors differ in support between clients, so whole-vector rules do not apply
         # to them: they pass through to the inner aggregator (a per-coordinate holder mean)
@@ -143,7 +146,8 @@ class RobustAggregator:
         trim: float | int = int(c.trim) if c.trim >= 1 else float(c.trim)
         try:
             return robust_aggregate(vectors, c.rule, trim=trim, num_byzantine=c.num_byzantine, multi=c.multi,
-                                    tau=c.tau, iters=c.iters, bucket_size=c.bucket_size, rng=self.rng)
+                                    tau=c.tau, iters=c.iters, bucket_size=c.bucket_size, rng=self.rng,
+                                    device=self.state.device)
         except ValueError as e:
             raise ValueError(f"aggregation.rule={c.rule!r} (bucket_size={c.bucket_size}) failed on {len(ups)} "
                              f"updates: {e}") from e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import small_config
 from test_ffgg import pl_config
 
@@ -69,8 +70,24 @@ def test_gradient_uploads_are_aggregated_as_sent():
     np.testing.assert_allclose(cc.weights["w"], [-0.3, -0.4], rtol=1e-6)
 
 
+def test_the_consensus_runs_on_the_servers_device():
+    """ServerState.device (runtime.server_device) is where the robust rule runs: with a GPU the result
+    is the CPU's; without one, asking for cuda reaches torch, which says it has none.
+    """
+    ups = [[2.0, 3.0], [1.0, 5.0], [100.0, -50.0]]
+    cpu = _robust(MeanAggregator, ServerState(dict(W0), {}, 0), "weights", ups, rule="median")
+    on_cuda = ServerState(dict(W0), {}, 0)
+    on_cuda.device = "cuda"
+    if not torch.cuda.is_available():
+        with pytest.raises((AssertionError, RuntimeError), match="(?i)cuda"):
+            _robust(MeanAggregator, on_cuda, "weights", ups, rule="median")
+        return
+    np.testing.assert_array_equal(_robust(MeanAggregator, on_cuda, "weights", ups, rule="median").weights["w"],
+                                  cpu.weights["w"])
+
+
 def test_bucketing_is_seeded_and_matches_the_pure_rule():
-    from rayfed.aggregate import bucketing, coordinate_median
+    from rayfed.robust_rules import bucketing, coordinate_median
 
     state = ServerState({"w": np.zeros(1, np.float32)}, {}, 0)
     vals = [[1.0], [2.0], [3.0], [4.0], [100.0], [6.0]]
