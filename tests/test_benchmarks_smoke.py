@@ -46,3 +46,17 @@ def test_throughput_quick_prints_targets_and_ratios(tmp_path):
             assert len(r["round_s"]) == w["rounds"] and all(t > 0 for t in r["round_s"])
         # same sampled clients, batches and seeds: rayfed's final weights equal the plain loop's
         assert max(w["max_weight_diff"].values()) < 1e-5
+
+
+def test_robust_rules_benchmark_quick_agrees_across_devices():
+    """``benchmarks/robust_rules.py --quick``: one line per rule, every device's aggregate equal to the
+    host's (the script prints the largest difference); no speed is asserted.
+    """
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robust_rules.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(\S+)\s+(\S+)\s+([\d.e+-]+)$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["median", "trimmed_mean(0.25)", "krum(f)", "multi_krum(f)",
+                                    "centered_clipping(tau=1, 3 iters)", "bucketing(2) + median"], proc.stdout
+    for row in rows:
+        assert float(row[-1]) <= 1e-6, row
