@@ -68,16 +68,13 @@ Matrix = Any
 # helpers: the namespace of X, one float64 matrix in, X's kind of array out
 
 
-def _namespace(X: Matrix) -> Any:
-    """The array-API namespace of ``X`` (numpy's for anything that is not an array-API array)."""
-    return array_api_compat.array_namespace(X) if array_api_compat.is_array_api_obj(X) else \
-        array_api_compat.array_namespace(np.asarray(X))
-
-
 def _as_matrix(X: Matrix) -> tuple[Any, Matrix]:
-    """``(xp, M)``: ``X``'s namespace and ``X`` as a float64 ``(n, d)`` matrix with ``n >= 1``."""
-    xp = _namespace(X)
-    M = xp.astype(X if array_api_compat.is_array_api_obj(X) else np.asarray(X), xp.float64, copy=False)
+    """``(xp, M)``: ``X``'s array-API namespace (numpy's for anything that is not an array-API array,
+    e.g. a list) and ``X`` as a float64 ``(n, d)`` matrix with ``n >= 1``.
+    """
+    A = X if array_api_compat.is_array_api_obj(X) else np.asarray(X)
+    xp = array_api_compat.array_namespace(A)
+    M = xp.astype(A, xp.float64, copy=False)
     if M.ndim != 2 or M.shape[0] < 1:
         raise ValueError(
             f"expected a stack of client vectors of shape (n_clients, d) with n_clients >= 1, "
