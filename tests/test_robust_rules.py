@@ -410,18 +410,19 @@ RULE_OPTIONS = [
 ]
 
 
-def _byzantine_updates():
+def _aggregate(rule, options, **device):
+    """``robust_aggregate`` of nine updates (one at 1e4), with a fresh seeded generator when bucketing."""
     rows = np.random.default_rng(0).normal(size=(9, 12)).astype(np.float32)
     rows[3] = 1e4
-    return [{"a": r[:8].reshape(2, 4), "b": r[8:]} for r in rows]
+    ups = [{"a": r[:8].reshape(2, 4), "b": r[8:]} for r in rows]
+    rng = {"rng": np.random.default_rng(1)} if options.get("bucket_size") else {}
+    return robust_aggregate(ups, rule, **options, **rng, **device)
 
 
 @pytest.mark.parametrize(("rule", "options"), RULE_OPTIONS)
 def test_robust_aggregate_device_argument_on_cpu(rule, options):
-    ups = _byzantine_updates()
-    seeded = (lambda: {"rng": np.random.default_rng(1)}) if options.get("bucket_size") else dict
-    host = robust_aggregate(ups, rule, **options, **seeded())
-    same = robust_aggregate(ups, rule, **options, **seeded(), device=torch.device("cpu"))
+    host = _aggregate(rule, options)
+    same = _aggregate(rule, options, device=torch.device("cpu"))
     for k in host:
         assert isinstance(same[k], np.ndarray) and same[k].dtype == np.float32
         np.testing.assert_array_equal(same[k], host[k])
@@ -432,14 +433,12 @@ def test_robust_aggregate_on_cuda(rule, options):
     """On a GPU: the same aggregate as on the CPU (the median and Krum bitwise); without one, the rule
     really is sent to the device asked for, and torch says it has none.
     """
-    ups = _byzantine_updates()
-    seeded = (lambda: {"rng": np.random.default_rng(1)}) if options.get("bucket_size") else dict
     if not torch.cuda.is_available():
         with pytest.raises((AssertionError, RuntimeError), match="(?i)cuda"):
-            robust_aggregate(ups, rule, **options, **seeded(), device="cuda")
+            _aggregate(rule, options, device="cuda")
         return
-    host = robust_aggregate(ups, rule, **options, **seeded())
-    gpu = robust_aggregate(ups, rule, **options, **seeded(), device="cuda")
+    host = _aggregate(rule, options)
+    gpu = _aggregate(rule, options, device="cuda")
     for k in host:
         assert isinstance(gpu[k], np.ndarray)
         if rule in ("median", "krum"):
