@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"RUNS {key} {label} vs plain (1 thread): {each}")
             if key == "A":
                 ok = r1[n] <= TARGETS[n]
-                print(f"TARGET A {label} <= {TARGETS[n]}x plain (1 thread): ratio {r1[n]:.2f}x -> "
+                print(f"TARGET A {label} <= {TARGETS[n]}x plain (1 thread): ratio {r1[n]:.3f}x -> "
                       f"{'met' if ok else 'NOT met'} (vs plain at 2 threads: {r2[n]:.2f}x)")
             else:
                 print(f"RATIO {key} {label} vs plain (1 thread): {r1[n]:.2f}x (vs plain at 2 threads: "
